@@ -1,0 +1,65 @@
+"""The one exception root of batchinf and its branches.
+
+    BatchinfError                  anything batchinf reports to a user
+    ├── UsageError                 a bad argument or option (exit code 2)
+    ├── ManifestError              the manifest cannot be read or has no `uri` column
+    ├── ModelError                 the model folder or its signature is unusable
+    ├── StorageError               a read or write on a local path or S3 failed
+    │   ├── NotFoundError          the object or file does not exist
+    │   └── PreconditionFailed     a conditional write lost its race (exists / etag moved)
+    ├── JobError                   a job record cannot be created, found or changed
+    │   ├── JobNotFound
+    │   └── IllegalTransition      a state change the transition table forbids
+    └── JobFailed                  a job ended FAILED (error budget, crash); carries the reason
+
+Library errors (botocore, OSError, TensorFlow, Ray) are translated where they enter, with
+``raise ... from exc``, so callers catch one root.
+"""
+
+from __future__ import annotations
+
+
+class BatchinfError(Exception):
+    """Root of every error batchinf raises on purpose."""
+
+    exit_code = 1
+
+
+class UsageError(BatchinfError):
+    exit_code = 2
+
+
+class ManifestError(BatchinfError):
+    pass
+
+
+class ModelError(BatchinfError):
+    pass
+
+
+class StorageError(BatchinfError):
+    pass
+
+
+class NotFoundError(StorageError):
+    pass
+
+
+class PreconditionFailed(StorageError):
+    pass
+
+
+class JobError(BatchinfError):
+    pass
+
+
+class JobNotFound(JobError):
+    pass
+
+
+class IllegalTransition(JobError):
+    pass
+
+
+class JobFailed(BatchinfError):
+    pass
