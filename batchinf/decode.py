@@ -1,0 +1,158 @@
+"""Fetching and decoding one batch of images: the CPU stage, run as Ray tasks.
+
+A bad row never fails the batch: every problem with one image is recorded through
+``fail_row`` as an ``(error_kind, message)`` pair at the row's position, and the batch goes on.
+
+error_kind  meaning
+----------  ---------------------------------------------------------------
+bad_uri     the uri cell is empty or not a path, file:// or s3:// URI
+not_found   no object or file at the uri
+fetch_error the object exists but could not be read (permissions, network)
+empty       a zero-byte object
+too_large   more bytes or pixels than the job allows
+not_an_image the bytes are not an image format Pillow knows
+corrupt_image a known format that fails to decode (truncated JPEG, bad PNG)
+predict_error the model raised on this image (set by the predictor)
+"""
+
+from __future__ import annotations
+
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from batchinf import storage
+from batchinf.errors import NotFoundError, StorageError
+
+MAX_IMAGE_BYTES = 64 * 1024 * 1024
+MAX_IMAGE_PIXELS = 100_000_000
+FETCH_THREADS = 16
+
+RowErrors = dict[int, tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What the model's serving signature takes, as read by the predictor."""
+
+    kind: str  # "image": decoded pixels [N, H, W, 3]; "bytes": the encoded file (tf.string)
+    height: int = 0
+    width: int = 0
+
+
+@dataclass
+class DecodedBatch:
+    """One batch after the CPU stage: inputs for the rows that decoded, errors for the rest."""
+
+    size: int
+    positions: list[int]  # batch positions of the rows in ``pixels`` / ``encoded``
+    pixels: np.ndarray | None = None  # uint8 [len(positions), H, W, 3] for image models
+    encoded: list[bytes] | None = None  # encoded files for tf.string models
+    errors: RowErrors = field(default_factory=dict)
+
+
+def fail_row(errors: RowErrors, position: int, kind: str, message: str) -> None:
+    """The one door through which a row gets its error: short kind, readable message."""
+    errors[position] = (kind, message[:500])
+
+
+def fetch(uri: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
+    """The bytes of one image, or a ``_RowProblem`` saying what went wrong."""
+    if not uri.strip():
+        raise _RowProblem("bad_uri", "the uri cell is empty")
+    if "://" in uri and not uri.startswith(("s3://", "file://")):
+        raise _RowProblem("bad_uri", f"unsupported scheme in {uri!r} (use s3://, file:// or a path)")
+    try:
+        data = storage.read_bytes(uri)
+    except NotFoundError as exc:
+        raise _RowProblem("not_found", str(exc)) from exc
+    except StorageError as exc:
+        raise _RowProblem("fetch_error", str(exc)) from exc
+    if not data:
+        raise _RowProblem("empty", f"zero bytes at {uri}")
+    if len(data) > max_bytes:
+        raise _RowProblem("too_large", f"{len(data)} bytes is over the {max_bytes}-byte limit")
+    return data
+
+
+class _RowProblem(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def decode_image(data: bytes, height: int, width: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decoded RGB pixels resized to ``(height, width)`` as uint8 ``[H, W, 3]``."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise _RowProblem("not_an_image", "not an image format Pillow can read") from exc
+    except Exception as exc:  # Pillow raises many types for malformed headers
+        raise _RowProblem("corrupt_image", f"unreadable image header: {exc}") from exc
+    if image.width * image.height > max_pixels:
+        raise _RowProblem(
+            "too_large", f"{image.width}x{image.height} is over the {max_pixels}-pixel limit"
+        )
+    try:
+        # JPEG can decode straight at a reduced scale: much cheaper for large photos.
+        image.draft("RGB", (width, height))
+        image = image.convert("RGB")
+        if image.size != (width, height):
+            image = image.resize((width, height), Image.Resampling.BILINEAR)
+        return np.asarray(image, dtype=np.uint8)
+    except Exception as exc:  # truncated or otherwise corrupt data surfaces on load
+        raise _RowProblem("corrupt_image", f"cannot decode: {exc}") from exc
+
+
+def check_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
+    """For models that take encoded bytes: make sure the bytes decode before the model sees them."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        image = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise _RowProblem("not_an_image", "not an image format Pillow can read") from exc
+    except Exception as exc:
+        raise _RowProblem("corrupt_image", f"unreadable image header: {exc}") from exc
+    if image.width * image.height > max_pixels:
+        raise _RowProblem("too_large", f"{image.width}x{image.height} is over the pixel limit")
+    try:
+        image.load()
+    except Exception as exc:
+        raise _RowProblem("corrupt_image", f"cannot decode: {exc}") from exc
+
+
+def decode_batch(uris: list[str], spec: InputSpec, threads: int = FETCH_THREADS) -> DecodedBatch:
+    """Fetch and decode ``uris`` (in threads: fetches wait on I/O, Pillow releases the GIL)."""
+
+    def one(uri: str) -> np.ndarray | bytes:
+        data = fetch(uri)
+        if spec.kind == "bytes":
+            check_image(data)
+            return data
+        return decode_image(data, spec.height, spec.width)
+
+    batch = DecodedBatch(size=len(uris), positions=[])
+    results: list[np.ndarray | bytes] = []
+    workers = max(1, min(threads, len(uris)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(one, uri) for uri in uris]
+        for position, future in enumerate(futures):
+            try:
+                results.append(future.result())
+                batch.positions.append(position)
+            except _RowProblem as problem:
+                fail_row(batch.errors, position, problem.kind, str(problem))
+            except Exception as exc:  # never let one row take the batch down
+                fail_row(batch.errors, position, "fetch_error", f"{type(exc).__name__}: {exc}")
+    if spec.kind == "bytes":
+        batch.encoded = [r for r in results if isinstance(r, bytes)]
+    elif results:
+        batch.pixels = np.stack([r for r in results if isinstance(r, np.ndarray)])
+    else:
+        batch.pixels = np.zeros((0, spec.height, spec.width, 3), dtype=np.uint8)
+    return batch

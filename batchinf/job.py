@@ -1,0 +1,189 @@
+"""A job is data: what the user asked for (``JobSpec``) and where it stands (``Job``).
+
+Records outlive processes, so every state change goes through one door, ``transition``, which
+checks the one table of legal moves (``check_transition``)::
+
+    QUEUED    -> RUNNING | CANCELLED | FAILED
+    RUNNING   -> SUCCEEDED | FAILED | CANCELLED | QUEUED   (QUEUED: requeued, its Ray job vanished)
+    FAILED    -> QUEUED                                     (resume)
+    CANCELLED -> QUEUED                                     (resume)
+    SUCCEEDED -> (final)
+
+A job fails through one function, ``fail``, which records the error's type, message and attempt.
+Records are plain JSON dicts (never pickle); ``from_dict`` ignores keys it does not know, so a
+record written by a newer batchinf stays readable by an older one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import time
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from batchinf.errors import IllegalTransition, JobError
+
+
+class JobState(StrEnum):
+    """Where a job stands; a ``str`` whose value (the upper-case name) is what records store."""
+
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        """True when nothing runs any more (it may still be resumed unless SUCCEEDED)."""
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+TRANSITIONS: dict[JobState, frozenset[JobState]] = {
+    JobState.QUEUED: frozenset({JobState.RUNNING, JobState.CANCELLED, JobState.FAILED}),
+    JobState.RUNNING: frozenset(
+        {JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED, JobState.QUEUED}
+    ),
+    JobState.FAILED: frozenset({JobState.QUEUED}),
+    JobState.CANCELLED: frozenset({JobState.QUEUED}),
+    JobState.SUCCEEDED: frozenset(),
+}
+
+
+def check_transition(old: JobState, new: JobState) -> None:
+    """Raise ``IllegalTransition`` unless the table allows ``old -> new``."""
+    if new not in TRANSITIONS[old]:
+        raise IllegalTransition(f"a {old.value} job cannot become {new.value}")
+
+
+@dataclass
+class JobSpec:
+    """What the user asked for; fixed once the job is created."""
+
+    manifest: str
+    model: str
+    output: str
+    top_k: int = 5
+    batch_size: int = 64
+    replicas_min: int = 1
+    replicas_max: int = 1
+    gpus_per_replica: float = 0.0
+    cpus_per_replica: float = 1.0
+    model_version: int | None = None
+    max_error_rate: float = 1.0  # 1.0: row errors never fail the job
+    shard_size: int = 1024
+    priority: int = 0
+    idempotency_key: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The spec as a JSON-able dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> JobSpec:
+        """Rebuild a spec, ignoring keys this version does not know."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+@dataclass
+class Job:
+    """One job record: its spec, its state and what happened so far."""
+
+    job_id: str
+    spec: JobSpec
+    state: JobState
+    created_at: float
+    updated_at: float
+    started_at: float | None = None
+    ended_at: float | None = None
+    attempt: int = 0  # +1 each time the job goes RUNNING
+    ray_job_id: str | None = None  # Ray submission id of the current attempt
+    rows_total: int | None = None
+    rows_done: int = 0
+    rows_failed: int = 0
+    error: dict[str, Any] | None = None  # {"type", "message", "attempt"}
+    summary: dict[str, Any] | None = None
+    cancel_requested: bool = False
+
+    @classmethod
+    def new(cls, spec: JobSpec, *, job_id: str | None = None, now: float | None = None) -> Job:
+        """A fresh QUEUED job for ``spec``."""
+        now = time.time() if now is None else now
+        return cls(
+            job_id=job_id or new_job_id(now),
+            spec=spec,
+            state=JobState.QUEUED,
+            created_at=now,
+            updated_at=now,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """The record as a plain JSON-able dict."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["spec"] = self.spec.to_dict()
+        data["state"] = self.state.value
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Job:
+        """Rebuild a job from its record, ignoring keys this version does not know."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        try:
+            values["spec"] = JobSpec.from_dict(values["spec"])
+            values["state"] = JobState(values["state"])
+            return cls(**values)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise JobError(f"unreadable job record {data.get('job_id')!r}: {exc}") from exc
+
+
+_ID_TIME_FORMAT = "%Y%m%d-%H%M%S"
+
+
+def new_job_id(now: float | None = None) -> str:
+    """A readable id that sorts by creation time, such as ``bi-20261121-213000-3f9a1c`` (UTC)."""
+    stamp = time.strftime(_ID_TIME_FORMAT, time.gmtime(time.time() if now is None else now))
+    return f"bi-{stamp}-{secrets.token_hex(3)}"
+
+
+def transition(job: Job, new: JobState, *, now: float | None = None) -> Job:
+    """The job moved to ``new``: the one door for state changes (raises ``IllegalTransition``).
+
+    Entering RUNNING starts a new attempt; entering a terminal state stamps ``ended_at``;
+    a resume (FAILED or CANCELLED -> QUEUED) clears the last error and cancel request. A requeue
+    (RUNNING -> QUEUED) keeps ``cancel_requested``, so a pending cancel is never lost.
+    """
+    check_transition(job.state, new)
+    now = time.time() if now is None else now
+    changes: dict[str, Any] = {"state": new, "updated_at": now}
+    if new is JobState.RUNNING:
+        changes.update(attempt=job.attempt + 1, started_at=now, ended_at=None)
+    elif new.terminal:
+        changes["ended_at"] = now
+    elif job.state.terminal:  # resume into QUEUED
+        changes.update(ended_at=None, error=None, cancel_requested=False, ray_job_id=None)
+    else:  # requeue RUNNING -> QUEUED: the attempt's Ray job is gone
+        changes["ray_job_id"] = None
+    return dataclasses.replace(job, **changes)
+
+
+def fail(job: Job, exc_type: str, message: str, *, now: float | None = None) -> Job:
+    """The job moved to FAILED with its error recorded: the one failure door."""
+    failed = transition(job, JobState.FAILED, now=now)
+    failed.error = {"type": exc_type, "message": message, "attempt": job.attempt}
+    return failed
+
+
+__all__ = [
+    "TRANSITIONS",
+    "Job",
+    "JobSpec",
+    "JobState",
+    "check_transition",
+    "fail",
+    "new_job_id",
+    "transition",
+]

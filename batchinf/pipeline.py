@@ -1,0 +1,292 @@
+"""Running one job on Ray: manifest -> fetch + decode tasks -> predictor actors -> parts.
+
+    manifest shards ──► decode_batch tasks (CPU, threads for fetch) ──► predictor actors
+        (streamed)       one per batch of rows                            (each holds the model)
+                                                         │
+    driver: collects each shard's batches ──► Parquet part committed atomically ──► _SUCCESS
+
+Why Ray core and not Ray Data (docs/architecture.md has the measurements): the unit of
+exactly-once is a shard's whole Parquet part, which Ray Data's writers do not give; a bad row
+must become an error row, which Ray Data turns into an aborted dataset or a dropped block;
+and the driver here plans resources so decode tasks always have a CPU, which is what made a
+two-actor Ray Data pool hang on two CPUs.
+
+Memory stays bounded: at most ``max_in_flight`` batches exist at once, the manifest is
+streamed, and a shard's rows are dropped as soon as its part is committed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchinf import manifest, sink, storage
+from batchinf.decode import InputSpec, decode_batch
+from batchinf.errors import BatchinfError, JobFailed, ModelError, UsageError
+from batchinf.job import JobSpec
+from batchinf.model import ModelSource, resolve_model
+from batchinf.pool import PredictorPool, plan_resources
+from batchinf.predictor import PredictedBatch
+
+
+@dataclass
+class Progress:
+    """How far a job is; handed to the progress callback after every batch."""
+
+    rows_total: int
+    rows_done: int = 0
+    rows_failed: int = 0
+    rows_this_run: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def images_per_s(self) -> float:
+        return self.rows_this_run / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        rate = self.images_per_s
+        return (self.rows_total - self.rows_done) / rate if rate > 0 else None
+
+
+@dataclass
+class JobResult:
+    """How a run ended: its summary, and whether it was cancelled."""
+
+    summary: dict[str, Any]
+    cancelled: bool = False
+
+
+@dataclass
+class _ShardWork:
+    shard: manifest.Shard
+    results: list[PredictedBatch | None]
+    waiting: int
+
+
+class JobRunner:
+    """Runs one job to its end (or cancel); commits one part per shard as shards finish."""
+
+    def __init__(
+        self,
+        job_id: str,
+        spec: JobSpec,
+        on_progress: Callable[[Progress], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> None:
+        _check_spec(spec)
+        self.job_id = job_id
+        self.spec = spec
+        self._on_progress = on_progress or (lambda progress: None)
+        self._should_stop = should_stop or (lambda: False)
+        self._errors_by_kind: dict[str, int] = {}
+        self._in_flight: dict[Any, tuple[_ShardWork, int, Any]] = {}
+        self._open: list[_ShardWork] = []
+        self._parts = 0
+
+    def run(self) -> JobResult:
+        import ray
+
+        spec = self.spec
+        source = resolve_model(spec.model, spec.model_version)
+        columns = manifest.read_columns(spec.manifest)
+        progress = Progress(rows_total=manifest.count_rows(spec.manifest))
+        committed = sink.committed_parts(spec.output)
+        if storage.exists(storage.join(spec.output, sink.SUCCESS)) and not committed:
+            raise UsageError(f"output {spec.output} holds a finished result already")
+        sink.check_output_owner(spec.output, self.job_id, committed)
+        self._count_committed(committed, progress)
+        self._run_info = sink.RunInfo(self.job_id, source.name, source.version, source.labels)
+        self._budget = math.floor(spec.max_error_rate * progress.rows_total)
+        resources = plan_resources(ray.cluster_resources(), spec)
+        pool = PredictorPool(source, spec, resources, name_prefix=self.job_id)
+        try:
+            info = pool.start()
+            _check_labels(source, info.num_classes)
+            decode = ray.remote(decode_batch).options(num_cpus=resources.decode_cpus, max_retries=3)
+            cancelled = self._stream(decode, pool, info.input, committed, progress)
+        finally:
+            pool.stop()
+        summary = self._summary(source, columns, progress, resources.max_in_flight)
+        if cancelled:
+            return JobResult(summary, cancelled=True)
+        self._check_budget(progress)
+        sink.write_success(spec.output, summary)
+        return JobResult(summary)
+
+    def _stream(
+        self,
+        decode: Any,
+        pool: PredictorPool,
+        spec: InputSpec,
+        committed: dict[int, str],
+        progress: Progress,
+    ) -> bool:
+        size = self.spec.batch_size
+        for shard in manifest.iter_shards(self.spec.manifest, self.spec.shard_size):
+            if shard.index in committed:
+                continue
+            uris = [_resolve(self.spec.manifest, uri) for uri in shard.uris]
+            starts = range(0, len(uris), size)
+            work = _ShardWork(shard, [None] * len(starts), len(starts))
+            self._open.append(work)
+            for number, start in enumerate(starts):
+                while len(self._in_flight) >= pool.max_in_flight:
+                    if self._collect(pool, progress):
+                        return True
+                actor = pool.pick()
+                decoded = decode.remote(uris[start : start + size], spec)
+                self._in_flight[actor.predict.remote(decoded)] = (work, number, actor)
+                pool.sent(actor)
+        while self._in_flight:
+            if self._collect(pool, progress):
+                return True
+        return False
+
+    def _collect(self, pool: PredictorPool, progress: Progress) -> bool:
+        """Wait for some batch to finish, record it, commit shards that are whole; True = stop."""
+        import ray
+
+        if self._should_stop():
+            for ref in self._in_flight:
+                ray.cancel(ref)
+            self._in_flight.clear()
+            return True
+        pool.refresh()
+        ready, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=0.5)
+        for ref in ready:
+            work, number, actor = self._in_flight.pop(ref)
+            pool.done(actor)
+            try:
+                batch: PredictedBatch = ray.get(ref)
+            except ray.exceptions.RayError as exc:
+                raise JobFailed(f"a batch of shard {work.shard.index} failed: {exc}") from exc
+            work.results[number] = batch
+            work.waiting -= 1
+            self._record(batch, progress)
+            if work.waiting == 0:
+                self._commit(work)
+        return False
+
+    def _record(self, batch: PredictedBatch, progress: Progress) -> None:
+        for kind, _ in batch.errors.values():
+            self._errors_by_kind[kind] = self._errors_by_kind.get(kind, 0) + 1
+        progress.rows_done += batch.size
+        progress.rows_this_run += batch.size
+        progress.rows_failed += len(batch.errors)
+        self._on_progress(progress)
+        self._check_budget(progress)
+
+    def _commit(self, work: _ShardWork) -> None:
+        batches = [b for b in work.results if b is not None]
+        table = sink.build_table(work.shard, batches, self._run_info)
+        sink.write_part(self.spec.output, work.shard.index, table)
+        self._open.remove(work)
+        self._parts += 1
+
+    def _check_budget(self, progress: Progress) -> None:
+        if progress.rows_failed > self._budget:
+            raise JobFailed(
+                f"{progress.rows_failed} of {progress.rows_total} rows failed, over the error "
+                f"budget of {self._budget} (--max-error-rate {self.spec.max_error_rate})"
+            )
+
+    def _count_committed(self, committed: dict[int, str], progress: Progress) -> None:
+        for uri in committed.values():
+            rows, kinds = sink.count_errors(uri)
+            progress.rows_done += rows
+            for kind, count in kinds.items():
+                self._errors_by_kind[kind] = self._errors_by_kind.get(kind, 0) + count
+                progress.rows_failed += count
+
+    def _summary(
+        self, source: ModelSource, columns: tuple[str, ...], progress: Progress, in_flight: int
+    ) -> dict[str, Any]:
+        return {
+            "job_id": self.job_id,
+            "manifest": self.spec.manifest,
+            "output": self.spec.output,
+            "model": {
+                "uri": self.spec.model,
+                "name": source.name,
+                "version": source.version,
+                "saved_model": source.saved_model_uri,
+            },
+            "columns": list(columns),
+            "rows_total": progress.rows_total,
+            "rows_ok": progress.rows_done - progress.rows_failed,
+            "rows_failed": progress.rows_failed,
+            "errors_by_kind": dict(sorted(self._errors_by_kind.items())),
+            "rows_this_run": progress.rows_this_run,
+            "seconds": round(progress.elapsed, 3),
+            "images_per_s": round(progress.images_per_s, 2),
+            "parts_written_this_run": self._parts,
+            "top_k": self.spec.top_k,
+            "batch_size": self.spec.batch_size,
+            "shard_size": self.spec.shard_size,
+            "max_in_flight_batches": in_flight,
+            "finished_at": time.time(),
+        }
+
+
+def run_job(
+    job_id: str,
+    spec: JobSpec,
+    on_progress: Callable[[Progress], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> JobResult:
+    """Run a whole job on the Ray instance this process is connected to."""
+    return JobRunner(job_id, spec, on_progress, should_stop).run()
+
+
+def ensure_ray(address: str | None = None) -> None:
+    """Connect to the cluster at ``address``, or start a local Ray instance (embedded default)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    try:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise BatchinfError(f"cannot reach the Ray cluster at {address}: {exc}") from exc
+
+
+def _resolve(manifest_uri: str, uri: str) -> str:
+    """A relative path in the manifest is relative to the manifest's own folder or prefix."""
+    uri = uri.strip()
+    if not uri or "://" in uri or uri.startswith("/"):
+        return uri
+    if storage.is_s3(manifest_uri):
+        return storage.join(manifest_uri.rsplit("/", 1)[0], uri)
+    folder = os.path.dirname(os.path.abspath(storage.local_path(manifest_uri)))
+    return os.path.join(folder, uri)
+
+
+def _check_spec(spec: JobSpec) -> None:
+    if spec.top_k < 1:
+        raise UsageError(f"--top-k must be at least 1, got {spec.top_k}")
+    if spec.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {spec.batch_size}")
+    if not 1 <= spec.replicas_min <= spec.replicas_max:
+        raise UsageError(f"--replicas needs 1 <= MIN <= MAX, got {spec.replicas_min}:{spec.replicas_max}")
+    if not 0.0 <= spec.max_error_rate <= 1.0:
+        raise UsageError(f"--max-error-rate must be within 0..1, got {spec.max_error_rate}")
+    if spec.shard_size < 1:
+        raise UsageError(f"--shard-size must be at least 1, got {spec.shard_size}")
+
+
+def _check_labels(source: ModelSource, num_classes: int) -> None:
+    if source.labels is not None and len(source.labels) != num_classes:
+        raise ModelError(
+            f"{len(source.labels)} labels beside {source.saved_model_uri}, "
+            f"but the model scores {num_classes} classes"
+        )

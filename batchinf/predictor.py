@@ -1,0 +1,176 @@
+"""The predictor: load a SavedModel once, then preprocess, predict and rank batches.
+
+It runs inside each Ray actor replica. The serving signature is read, not assumed:
+an image tensor input ``[N, H, W, 3]`` gets resized pixels scaled into the declared range
+(``model.json`` ``input_range``; default ``[0, 255]`` for uint8 inputs, ``[0, 1]`` for float);
+a ``tf.string`` input gets the encoded file bytes, as TF Serving's Inception export expects.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from batchinf import storage
+from batchinf.decode import DecodedBatch, InputSpec, RowErrors, fail_row
+from batchinf.errors import ModelError
+from batchinf.model import ModelSource
+
+OUTPUT_PREFERENCE = ("probabilities", "scores", "predictions", "probs", "logits", "output_0")
+
+
+@dataclass
+class PredictedBatch:
+    """Top-k class ids and scores for the rows that made it through, errors for the rest."""
+
+    size: int
+    positions: list[int]
+    class_ids: np.ndarray  # int32 [len(positions), k], best first
+    scores: np.ndarray  # float32 [len(positions), k]
+    errors: RowErrors = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    input: InputSpec
+    input_name: str
+    output_name: str
+    num_classes: int
+
+
+class Predictor:
+    """Holds one loaded SavedModel; ``predict`` maps a DecodedBatch to a PredictedBatch."""
+
+    def __init__(self, source: ModelSource, top_k: int, threads: int | None = None) -> None:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        import tensorflow as tf
+
+        if threads:
+            tf.config.threading.set_intra_op_parallelism_threads(threads)
+            tf.config.threading.set_inter_op_parallelism_threads(max(1, threads // 2))
+        self._tf = tf
+        self._top_k = top_k
+        self._loaded = _load(tf, source.saved_model_uri)  # keep a reference: it owns the variables
+        signatures = getattr(self._loaded, "signatures", {})
+        if "serving_default" not in signatures:
+            raise ModelError(f"{source.saved_model_uri} has no 'serving_default' signature")
+        self._fn = signatures["serving_default"]
+        self.info = _read_signature(tf, self._fn, source)
+        low, high = source.input_range or _default_range(self._input_dtype)
+        self._scale = (high - low) / 255.0
+        self._offset = low
+
+    @property
+    def _input_dtype(self) -> Any:
+        _, kwargs = self._fn.structured_input_signature
+        return kwargs[self.info.input_name].dtype
+
+    def describe(self) -> ModelInfo:
+        return self.info
+
+    def ready(self) -> bool:
+        return True
+
+    def predict(self, batch: DecodedBatch) -> PredictedBatch:
+        """Run the model on the rows that decoded; isolate rows the model itself rejects."""
+        inputs = self._inputs(batch)
+        errors = dict(batch.errors)
+        positions = list(batch.positions)
+        try:
+            scores = self._run(inputs)
+        except Exception:
+            # One input broke the whole call: retry row by row so only that row fails.
+            scores, positions = self._run_singly(inputs, positions, errors)
+        assert scores.shape[0] == len(positions), "the model must give one output per input"
+        class_ids, top = _top_k(scores, self._top_k)
+        return PredictedBatch(batch.size, positions, class_ids, top, errors)
+
+    def _inputs(self, batch: DecodedBatch) -> Any:
+        if self.info.input.kind == "bytes":
+            return list(batch.encoded or [])
+        pixels = batch.pixels if batch.pixels is not None else np.zeros((0, 1, 1, 3), np.uint8)
+        if self._input_dtype == self._tf.uint8:
+            return pixels
+        return pixels.astype(np.float32) * np.float32(self._scale) + np.float32(self._offset)
+
+    def _run(self, inputs: Any) -> np.ndarray:
+        if len(inputs) == 0:
+            return np.zeros((0, self.info.num_classes), np.float32)
+        tensor = self._tf.constant(inputs, dtype=self._input_dtype)
+        outputs = self._fn(**{self.info.input_name: tensor})
+        return np.asarray(outputs[self.info.output_name], dtype=np.float32)
+
+    def _run_singly(
+        self, inputs: Any, positions: list[int], errors: RowErrors
+    ) -> tuple[np.ndarray, list[int]]:
+        kept_scores, kept_positions = [], []
+        for item, position in zip(inputs, positions, strict=True):
+            try:
+                single = [item] if isinstance(inputs, list) else item[None]
+                kept_scores.append(self._run(single)[0])
+                kept_positions.append(position)
+            except Exception as exc:
+                fail_row(errors, position, "predict_error", f"{type(exc).__name__}: {exc}")
+        if not kept_scores:
+            return np.zeros((0, self.info.num_classes), np.float32), []
+        return np.stack(kept_scores), kept_positions
+
+
+def _load(tf: Any, uri: str) -> Any:
+    try:
+        if storage.is_s3(uri):
+            # TensorFlow's own S3 filesystem left core TF; copy the (small) folder first.
+            local = tempfile.mkdtemp(prefix="batchinf-model-")
+            storage.download_folder(uri, local)
+            return tf.saved_model.load(local)
+        return tf.saved_model.load(storage.local_path(uri))
+    except Exception as exc:
+        raise ModelError(f"cannot load SavedModel {uri}: {type(exc).__name__}: {exc}") from exc
+
+
+def _default_range(dtype: Any) -> tuple[float, float]:
+    return (0.0, 255.0) if dtype.name == "uint8" else (0.0, 1.0)
+
+
+def _read_signature(tf: Any, fn: Any, source: ModelSource) -> ModelInfo:
+    _, kwargs = fn.structured_input_signature
+    if len(kwargs) != 1:
+        raise ModelError(f"the serving signature takes {len(kwargs)} inputs; batchinf needs one image input")
+    input_name, spec = next(iter(kwargs.items()))
+    output_name, classes = _pick_output(fn.structured_outputs)
+    if spec.dtype == tf.string:
+        return ModelInfo(InputSpec("bytes"), input_name, output_name, classes)
+    shape = spec.shape.as_list() if spec.shape.rank is not None else None
+    if shape is None or len(shape) != 4 or shape[3] not in (3, None):
+        raise ModelError(f"input {input_name!r} has shape {shape}; expected [N, H, W, 3] or tf.string")
+    height, width = shape[1], shape[2]
+    if height is None or width is None:
+        if source.input_size is None:
+            raise ModelError(
+                f"input {input_name!r} has no fixed size; declare \"input_size\": [H, W] in model.json"
+            )
+        height, width = source.input_size
+    return ModelInfo(InputSpec("image", int(height), int(width)), input_name, output_name, classes)
+
+
+def _pick_output(outputs: dict[str, Any]) -> tuple[str, int]:
+    ranked = [n for n in outputs if outputs[n].shape.rank == 2 and outputs[n].dtype.is_floating]
+    if not ranked:
+        raise ModelError(f"no [N, classes] float output among {sorted(outputs)}")
+    preferred = [n for n in OUTPUT_PREFERENCE if n in ranked]
+    name = preferred[0] if preferred else sorted(ranked)[0]
+    classes = outputs[name].shape.as_list()[1]
+    if classes is None:
+        raise ModelError(f"output {name!r} has no fixed number of classes")
+    return name, int(classes)
+
+
+def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Best-first class ids and scores; ties go to the lower class id (a stable sort)."""
+    k = min(k, scores.shape[1]) if scores.ndim == 2 else 0
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k].astype(np.int32)
+    return order, np.take_along_axis(scores, order, axis=1).astype(np.float32)

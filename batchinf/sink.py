@@ -1,0 +1,164 @@
+"""Writing results: the output schema, one Parquet part per shard, ``_SUCCESS`` last.
+
+A part is written whole or not at all (a local temp file renamed into place, or one S3 PUT),
+and its name comes from its shard number, so a resumed job knows which shards are done by
+listing the output. Files starting with ``_`` are skipped by pyarrow, pandas and DuckDB
+readers of the folder.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batchinf import storage
+from batchinf.errors import UsageError
+from batchinf.manifest import Shard
+from batchinf.predictor import PredictedBatch
+
+SUCCESS = "_SUCCESS"
+SUMMARY = "_summary.json"
+_PART = re.compile(r"^part-(\d{5,})\.parquet$")
+
+PREDICTION = pa.struct(
+    [
+        ("rank", pa.int32()),
+        ("class_id", pa.int32()),
+        ("label", pa.string()),
+        ("score", pa.float32()),
+    ]
+)
+
+
+def output_schema(columns: Sequence[str]) -> pa.Schema:
+    """Manifest columns (as text, unchanged), then what batchinf adds."""
+    fields = [pa.field(name, pa.string()) for name in columns]
+    fields += [
+        pa.field("predictions", pa.list_(PREDICTION)),
+        pa.field("top1_label", pa.string()),
+        pa.field("top1_score", pa.float32()),
+        pa.field("error", pa.string()),
+        pa.field("error_kind", pa.string()),
+        pa.field("model_name", pa.string()),
+        pa.field("model_version", pa.string()),
+        pa.field("job_id", pa.string()),
+    ]
+    return pa.schema(fields)
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What every row of a job carries besides its own result."""
+
+    job_id: str
+    model_name: str
+    model_version: str | None
+    labels: tuple[str, ...] | None
+
+
+def part_name(shard_index: int) -> str:
+    return f"part-{shard_index:05d}.parquet"
+
+
+def build_table(shard: Shard, batches: Sequence[PredictedBatch], run: RunInfo) -> pa.Table:
+    """One Arrow table for a shard: its rows in manifest order, each with a result or an error."""
+    predictions: list[list[dict] | None] = []
+    errors: list[str | None] = []
+    kinds: list[str | None] = []
+    for batch in batches:
+        by_position = {p: i for i, p in enumerate(batch.positions)}
+        for position in range(batch.size):
+            if position in by_position:
+                i = by_position[position]
+                predictions.append(_ranked(batch.class_ids[i], batch.scores[i], run.labels))
+                errors.append(None)
+                kinds.append(None)
+            else:
+                kind, message = batch.errors.get(position, ("internal", "no result for this row"))
+                predictions.append(None)
+                errors.append(message)
+                kinds.append(kind)
+    if len(predictions) != len(shard):
+        raise AssertionError(f"shard {shard.index}: {len(predictions)} results for {len(shard)} rows")
+    columns = {name: [row[i] for row in shard.rows] for i, name in enumerate(shard.columns)}
+    n = len(shard)
+    columns |= {
+        "predictions": predictions,
+        "top1_label": [p[0]["label"] if p else None for p in predictions],
+        "top1_score": [p[0]["score"] if p else None for p in predictions],
+        "error": errors,
+        "error_kind": kinds,
+        "model_name": [run.model_name] * n,
+        "model_version": [run.model_version] * n,
+        "job_id": [run.job_id] * n,
+    }
+    schema = output_schema(shard.columns).with_metadata({"batchinf.job_id": run.job_id})
+    return pa.Table.from_pydict(columns, schema=schema)
+
+
+def _ranked(class_ids: np.ndarray, scores: np.ndarray, labels: tuple[str, ...] | None) -> list[dict]:
+    return [
+        {
+            "rank": rank,
+            "class_id": int(c),
+            "label": labels[c] if labels and c < len(labels) else str(int(c)),
+            "score": float(s),
+        }
+        for rank, (c, s) in enumerate(zip(class_ids, scores, strict=True), start=1)
+    ]
+
+
+def write_part(output: str, shard_index: int, table: pa.Table) -> str:
+    """Commit one shard's part atomically; its URI."""
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    uri = storage.join(output, part_name(shard_index))
+    storage.write_bytes(uri, buffer.getvalue())
+    return uri
+
+
+def committed_parts(output: str) -> dict[int, str]:
+    """Shard index -> part URI for every part already in the output."""
+    parts = {}
+    for name in storage.list_names(output):
+        match = _PART.match(name)
+        if match:
+            parts[int(match.group(1))] = storage.join(output, name)
+    return parts
+
+
+def check_output_owner(output: str, job_id: str, parts: dict[int, str]) -> None:
+    """Refuse to mix two jobs' results in one output folder."""
+    if not parts:
+        return
+    first = storage.read_bytes(parts[min(parts)])
+    owner = pq.read_schema(io.BytesIO(first)).metadata or {}
+    found = owner.get(b"batchinf.job_id", b"").decode()
+    if found != job_id:
+        raise UsageError(
+            f"output {output} already holds results of job {found or 'unknown'}; "
+            "choose an empty output, or resume that job"
+        )
+
+
+def count_errors(part_uri: str) -> tuple[int, dict[str, int]]:
+    """Rows and errors by kind in one committed part (for a resumed job's totals)."""
+    table = pq.read_table(io.BytesIO(storage.read_bytes(part_uri)), columns=["error_kind"])
+    kinds: dict[str, int] = {}
+    for kind in table.column("error_kind").to_pylist():
+        if kind is not None:
+            kinds[kind] = kinds.get(kind, 0) + 1
+    return table.num_rows, kinds
+
+
+def write_success(output: str, summary: dict) -> None:
+    """The summary, then ``_SUCCESS``: the marker is the last thing a finished job writes."""
+    storage.write_bytes(storage.join(output, SUMMARY), json.dumps(summary, indent=2).encode())
+    storage.write_bytes(storage.join(output, SUCCESS), b"")

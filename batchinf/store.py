@@ -1,0 +1,258 @@
+"""The durable job store: the source of truth for every job, on a local folder or an S3 prefix.
+
+Layout under the root URI::
+
+    <root>/jobs/<job_id>.json                  the job record (``Job.to_dict()`` as JSON)
+    <root>/keys/<sha256(idempotency_key)>.json  {"idempotency_key", "job_id", "job"}
+
+Records are created with ``if_none_match`` and changed by compare-and-swap (read record and
+etag, apply a change, write with ``if_match=etag``, retry on conflict), so racing dispatchers,
+runners and cancels cannot corrupt a job: of two QUEUED -> RUNNING claims exactly one wins and
+the other meets ``IllegalTransition``. The atomicity itself is the storage's: S3 and MinIO check
+the condition and write as one step; a local folder uses exclusive create and a lock around
+compare-then-rename (see ``batchinf.storage``).
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import json
+import os
+import random
+import re
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from batchinf import storage
+from batchinf.errors import (
+    IllegalTransition,
+    JobError,
+    JobNotFound,
+    NotFoundError,
+    PreconditionFailed,
+)
+from batchinf.job import Job, JobSpec, JobState, check_transition, transition
+
+CAS_TRIES = 50
+_JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def default_store_uri() -> str:
+    """``BATCHINF_STORE`` if set, else ``~/.batchinf`` (the embedded mode's local store)."""
+    return os.environ.get("BATCHINF_STORE") or os.path.expanduser("~/.batchinf")
+
+
+def _encode(data: dict[str, Any]) -> bytes:
+    return json.dumps(data, indent=2, sort_keys=True).encode("utf-8")
+
+
+def _decode(raw: bytes, uri: str) -> dict[str, Any]:
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise JobError(f"not a JSON record: {uri}") from exc
+    if not isinstance(data, dict):
+        raise JobError(f"not a JSON object: {uri}")
+    return data
+
+
+class JobStore:
+    """Job records under one root URI (a local folder or ``s3://bucket/prefix``)."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root
+
+    @classmethod
+    def from_uri(cls, uri: str | None = None) -> JobStore:
+        """A store at ``uri`` (``~`` expanded), or at ``default_store_uri()`` when None."""
+        uri = uri or default_store_uri()
+        if storage.is_s3(uri):
+            storage.split_s3(uri)  # a bucket is required
+            return cls(uri.rstrip("/"))
+        return cls(os.path.expanduser(storage.local_path(uri)))
+
+    def __repr__(self) -> str:
+        return f"JobStore({self.root!r})"
+
+    # -- where things live ---------------------------------------------------------------------
+
+    def _job_uri(self, job_id: str) -> str:
+        if not _JOB_ID.match(job_id):
+            raise JobNotFound(f"no such job: {job_id!r}")
+        return storage.join(self.root, "jobs", f"{job_id}.json")
+
+    def _key_uri(self, idempotency_key: str) -> str:
+        digest = hashlib.sha256(idempotency_key.encode("utf-8")).hexdigest()
+        return storage.join(self.root, "keys", f"{digest}.json")
+
+    # -- create and read -----------------------------------------------------------------------
+
+    def create(self, spec: JobSpec, *, now: float | None = None) -> tuple[Job, bool]:
+        """Create a QUEUED job for ``spec``; returns the job and whether it is new.
+
+        With an idempotency key already used, returns that key's job (whatever its state and
+        spec) and False. The key object is written first, holding the whole initial record, so
+        a submitter that dies between the two writes leaves a key the next submit completes.
+        """
+        if spec.idempotency_key is None:
+            for _ in range(5):  # ids collide only within one second, 1 in 16M: retrying is enough
+                job = Job.new(spec, now=now)
+                if self._write_new(job):
+                    return job, True
+            raise JobError("could not find a free job id")
+        job, created = self._claim_key(spec.idempotency_key, Job.new(spec, now=now))
+        if not self._write_new(job):  # written already, by the key's first submitter
+            job = self.get(job.job_id)
+        return job, created
+
+    def _claim_key(self, idempotency_key: str, job: Job) -> tuple[Job, bool]:
+        """The job the key stands for (``job`` if this call took the key) and whether it did."""
+        key_uri = self._key_uri(idempotency_key)
+        entry = {"idempotency_key": idempotency_key, "job_id": job.job_id, "job": job.to_dict()}
+        try:
+            storage.write_bytes(key_uri, _encode(entry), if_none_match=True)
+            return job, True
+        except PreconditionFailed:
+            pass
+        record = _decode(storage.read_bytes(key_uri), key_uri).get("job")
+        if not isinstance(record, dict):
+            raise JobError(f"idempotency key record without a job: {key_uri}")
+        return Job.from_dict(record), False
+
+    def _write_new(self, job: Job) -> bool:
+        """Write a job's first record; False if a record with its id exists."""
+        uri = self._job_uri(job.job_id)
+        try:
+            storage.write_bytes(uri, _encode(job.to_dict()), if_none_match=True)
+        except PreconditionFailed:
+            return False
+        return True
+
+    def _read(self, job_id: str) -> tuple[Job, str]:
+        uri = self._job_uri(job_id)
+        try:
+            raw, etag = storage.read_with_etag(uri)
+        except NotFoundError as exc:
+            raise JobNotFound(f"no such job: {job_id}") from exc
+        return Job.from_dict(_decode(raw, uri)), etag
+
+    def get(self, job_id: str) -> Job:
+        """The job's current record (``JobNotFound`` if there is none)."""
+        return self._read(job_id)[0]
+
+    def list(self, states: Iterable[JobState | str] | None = None) -> builtins.list[Job]:
+        """Every job (or those in ``states``), oldest first."""
+        wanted = None if states is None else {JobState(s) for s in states}
+        names = storage.list_names(storage.join(self.root, "jobs"))
+        ids = [n.removesuffix(".json") for n in names if n.endswith(".json")]
+        ids = [i for i in ids if _JOB_ID.match(i)]
+        with ThreadPoolExecutor(max_workers=16) as pool:  # S3 reads are latency-bound
+            found = [job for job in pool.map(self._get_or_none, ids) if job is not None]
+        jobs = [j for j in found if wanted is None or j.state in wanted]
+        return sorted(jobs, key=lambda j: (j.created_at, j.job_id))
+
+    def _get_or_none(self, job_id: str) -> Job | None:
+        try:
+            return self.get(job_id)
+        except JobNotFound:  # deleted between listing and reading
+            return None
+
+    # -- change --------------------------------------------------------------------------------
+
+    def update(self, job_id: str, change: Callable[[Job], Job]) -> Job:
+        """Apply ``change`` to the current record by compare-and-swap; the record written.
+
+        ``change`` gets the current job and returns the new one; it may run several times (once
+        per lost race), so it must be pure. State changes inside it go through
+        ``job.transition``; a state change that skipped it is checked here all the same.
+        Exceptions from ``change`` (such as ``IllegalTransition``) propagate with nothing written.
+        """
+        for attempt in range(CAS_TRIES):
+            current, etag = self._read(job_id)
+            before = current.to_dict()
+            new = change(current)
+            after = new.to_dict()
+            if after == before:
+                return new
+            if new.job_id != job_id or new.created_at != before["created_at"]:
+                raise JobError(f"a change may not alter the identity of job {job_id}")
+            if new.state.value != before["state"]:
+                check_transition(JobState(before["state"]), new.state)
+            after["updated_at"] = max(new.updated_at, time.time())
+            try:
+                storage.write_bytes(self._job_uri(job_id), _encode(after), if_match=etag)
+                return Job.from_dict(after)
+            except NotFoundError as exc:
+                raise JobNotFound(f"no such job: {job_id}") from exc
+            except PreconditionFailed:  # somebody else wrote first: re-read and re-apply
+                time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+        raise JobError(f"gave up changing job {job_id} after {CAS_TRIES} conflicting writes")
+
+    def claim(self, job_id: str, ray_job_id: str) -> Job | None:
+        """Move a QUEUED job to RUNNING for ``ray_job_id``; None if it is not claimable.
+
+        Of several racing claims exactly one gets the job. A QUEUED job whose cancel was
+        requested (a requeued run) is moved to CANCELLED instead, and None returned.
+        """
+
+        def change(job: Job) -> Job:
+            if job.state is JobState.QUEUED and job.cancel_requested:
+                return transition(job, JobState.CANCELLED)
+            running = transition(job, JobState.RUNNING)
+            running.ray_job_id = ray_job_id
+            return running
+
+        try:
+            job = self.update(job_id, change)
+        except IllegalTransition:
+            return None
+        return job if job.state is JobState.RUNNING and job.ray_job_id == ray_job_id else None
+
+    def request_cancel(self, job_id: str) -> Job:
+        """Cancel: a QUEUED job becomes CANCELLED at once; a RUNNING one gets
+        ``cancel_requested`` and its runner moves it to CANCELLED. A finished job is unchanged.
+        """
+
+        def change(job: Job) -> Job:
+            if job.state is JobState.QUEUED:
+                cancelled = transition(job, JobState.CANCELLED)
+                cancelled.cancel_requested = True
+                return cancelled
+            if job.state is JobState.RUNNING:
+                job.cancel_requested = True
+            return job
+
+        return self.update(job_id, change)
+
+    def record_progress(
+        self,
+        job_id: str,
+        rows_done: int,
+        rows_failed: int,
+        rows_total: int | None = None,
+        *,
+        ray_job_id: str | None = None,
+    ) -> Job:
+        """Store a RUNNING job's row counts; the record (its runner reads ``cancel_requested``).
+
+        Ignored (record returned unchanged) when the job is not RUNNING, or, with ``ray_job_id``,
+        when it runs under another attempt: a stale runner cannot overwrite a newer one.
+        """
+
+        def change(job: Job) -> Job:
+            if job.state is not JobState.RUNNING:
+                return job
+            if ray_job_id is not None and job.ray_job_id != ray_job_id:
+                return job
+            job.rows_done, job.rows_failed = rows_done, rows_failed
+            if rows_total is not None:
+                job.rows_total = rows_total
+            return job
+
+        return self.update(job_id, change)
+
+
+__all__ = ["CAS_TRIES", "JobStore", "default_store_uri"]

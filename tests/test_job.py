@@ -1,0 +1,118 @@
+"""The job record and its one door for state changes (pure logic: no storage)."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+
+from batchinf.errors import IllegalTransition
+from batchinf.job import (
+    TRANSITIONS,
+    Job,
+    JobSpec,
+    JobState,
+    check_transition,
+    fail,
+    new_job_id,
+    transition,
+)
+
+LEGAL = [(old, new) for old, targets in TRANSITIONS.items() for new in targets]
+ILLEGAL = [(old, new) for old in JobState for new in JobState if (old, new) not in LEGAL]
+
+
+def make_job(**spec: Any) -> Job:
+    return Job.new(JobSpec(manifest="m.csv", model="model", output="out", **spec), now=1000.0)
+
+
+def test_stored_keys_are_pinned_so_old_records_stay_readable() -> None:
+    data = make_job().to_dict()
+    assert sorted(data) == [
+        "attempt", "cancel_requested", "created_at", "ended_at", "error", "job_id", "ray_job_id",
+        "rows_done", "rows_failed", "rows_total", "spec", "started_at", "state", "summary",
+        "updated_at",
+    ]  # fmt: skip
+    assert sorted(data["spec"]) == [
+        "batch_size", "cpus_per_replica", "gpus_per_replica", "idempotency_key", "manifest",
+        "max_error_rate", "model", "model_version", "output", "priority", "replicas_max",
+        "replicas_min", "shard_size", "top_k",
+    ]  # fmt: skip
+
+
+def test_record_round_trips_through_json() -> None:
+    job = fail(transition(make_job(top_k=3), JobState.RUNNING, now=1001.0), "OSError", "disk")
+    assert Job.from_dict(json.loads(json.dumps(job.to_dict()))) == job
+
+
+def test_from_dict_ignores_keys_written_by_a_newer_version() -> None:
+    job = make_job()
+    data = job.to_dict()
+    data["from_the_future"] = 1
+    data["spec"]["also_new"] = True
+    assert Job.from_dict(data) == job
+
+
+def test_state_values_are_the_upper_case_names_and_terminal_is_the_last_three() -> None:
+    assert [s.value for s in JobState] == [s.name for s in JobState]
+    assert {s for s in JobState if s.terminal} == {"SUCCEEDED", "FAILED", "CANCELLED"}
+
+
+@pytest.mark.parametrize(("old", "new"), LEGAL)
+def test_legal_transitions_pass(old: JobState, new: JobState) -> None:
+    check_transition(old, new)
+
+
+@pytest.mark.parametrize(("old", "new"), ILLEGAL)
+def test_illegal_transitions_raise(old: JobState, new: JobState) -> None:
+    with pytest.raises(IllegalTransition):
+        check_transition(old, new)
+
+
+def test_succeeded_is_final_and_running_cannot_be_claimed_again() -> None:
+    assert TRANSITIONS[JobState.SUCCEEDED] == frozenset()
+    running = transition(make_job(), JobState.RUNNING)
+    with pytest.raises(IllegalTransition):
+        transition(running, JobState.RUNNING)
+
+
+def test_each_run_is_a_new_attempt_with_its_own_start_time() -> None:
+    first = transition(make_job(), JobState.RUNNING, now=1001.0)
+    second = transition(transition(first, JobState.QUEUED), JobState.RUNNING, now=1005.0)
+    assert (first.attempt, first.started_at) == (1, 1001.0)
+    assert (second.attempt, second.started_at) == (2, 1005.0)
+
+
+def test_fail_records_type_message_and_attempt() -> None:
+    running = transition(make_job(), JobState.RUNNING)
+    failed = fail(running, "ModelError", "no signature", now=1009.0)
+    assert failed.state is JobState.FAILED
+    assert failed.error == {"type": "ModelError", "message": "no signature", "attempt": 1}
+    assert failed.ended_at == 1009.0
+
+
+def test_fail_of_a_finished_job_is_illegal() -> None:
+    done = transition(transition(make_job(), JobState.RUNNING), JobState.SUCCEEDED)
+    with pytest.raises(IllegalTransition):
+        fail(done, "RuntimeError", "late")
+
+
+def test_resume_clears_the_last_error_and_end_time() -> None:
+    failed = fail(transition(make_job(), JobState.RUNNING), "OSError", "disk")
+    resumed = transition(failed, JobState.QUEUED)
+    assert (resumed.state, resumed.error, resumed.ended_at) == (JobState.QUEUED, None, None)
+    assert resumed.attempt == 1
+
+
+def test_requeue_keeps_a_pending_cancel_request() -> None:
+    running = transition(make_job(), JobState.RUNNING)
+    running.cancel_requested = True
+    assert transition(running, JobState.QUEUED).cancel_requested is True
+
+
+def test_new_job_id_is_readable_utc_and_sortable() -> None:
+    job_id = new_job_id(1795296600.0)  # 2026-11-21 21:30:00 UTC
+    assert re.fullmatch(r"bi-20261121-213000-[0-9a-f]{6}", job_id)
+    assert new_job_id(1795296600.0) < new_job_id(1795296601.0)
