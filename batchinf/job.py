@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from batchinf.errors import IllegalTransition, JobError
+from batchinf.errors import IllegalTransition, JobError, UsageError
 
 
 class JobState(StrEnum):
@@ -76,6 +76,25 @@ class JobSpec:
     shard_size: int = 1024
     priority: int = 0
     idempotency_key: str | None = None
+
+    def validate(self) -> None:
+        """Reject a spec no run could honour; the message names the option."""
+        if self.top_k < 1:
+            raise UsageError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if not 1 <= self.replicas_min <= self.replicas_max:
+            raise UsageError(
+                f"--replicas needs 1 <= MIN <= MAX, got {self.replicas_min}:{self.replicas_max}"
+            )
+        if not 0.0 <= self.max_error_rate <= 1.0:
+            raise UsageError(f"--max-error-rate must be within 0..1, got {self.max_error_rate}")
+        if self.shard_size < 1:
+            raise UsageError(f"--shard-size must be at least 1, got {self.shard_size}")
+        if self.gpus_per_replica < 0 or self.cpus_per_replica < 0:
+            raise UsageError("--gpus-per-replica and --cpus-per-replica cannot be negative")
+        if self.model_version is not None and self.model_version < 0:
+            raise UsageError(f"--model-version must be a version number, got {self.model_version}")
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as a JSON-able dict."""

@@ -82,7 +82,7 @@ class JobRunner:
         on_progress: Callable[[Progress], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> None:
-        _check_spec(spec)
+        spec.validate()
         self.job_id = job_id
         self.spec = spec
         self._on_progress = on_progress or (lambda progress: None)
@@ -269,19 +269,6 @@ def _resolve(manifest_uri: str, uri: str) -> str:
         return storage.join(manifest_uri.rsplit("/", 1)[0], uri)
     folder = os.path.dirname(os.path.abspath(storage.local_path(manifest_uri)))
     return os.path.join(folder, uri)
-
-
-def _check_spec(spec: JobSpec) -> None:
-    if spec.top_k < 1:
-        raise UsageError(f"--top-k must be at least 1, got {spec.top_k}")
-    if spec.batch_size < 1:
-        raise UsageError(f"--batch-size must be at least 1, got {spec.batch_size}")
-    if not 1 <= spec.replicas_min <= spec.replicas_max:
-        raise UsageError(f"--replicas needs 1 <= MIN <= MAX, got {spec.replicas_min}:{spec.replicas_max}")
-    if not 0.0 <= spec.max_error_rate <= 1.0:
-        raise UsageError(f"--max-error-rate must be within 0..1, got {spec.max_error_rate}")
-    if spec.shard_size < 1:
-        raise UsageError(f"--shard-size must be at least 1, got {spec.shard_size}")
 
 
 def _check_labels(source: ModelSource, num_classes: int) -> None:

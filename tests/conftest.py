@@ -59,3 +59,47 @@ def ray_local(s3_endpoint: str) -> Iterator[Any]:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (10, 200, 90), (128, 128, 128), (250, 120, 5)]
+
+
+@pytest.fixture(scope="session")
+def image_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Versions 1 and 2 of the fixed-weight mean-colour model, TF Serving layout."""
+    from tests.models import make_image_model
+
+    base = str(tmp_path_factory.mktemp("models") / "colour")
+    make_image_model(base, version=1)
+    make_image_model(base, version=2)
+    return base
+
+
+@pytest.fixture(scope="session")
+def bytes_model(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from tests.models import make_bytes_model
+
+    return make_bytes_model(str(tmp_path_factory.mktemp("models") / "bytes"))
+
+
+def write_manifest(path: Any, header: list[str], rows: list[list[str]]) -> str:
+    import csv
+
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+    return str(path)
+
+
+@pytest.fixture()
+def colour_images(tmp_path: Any) -> tuple[str, list[tuple[int, int, int]]]:
+    """A manifest of 12 solid-colour PNGs (relative paths) with two pass-through columns."""
+    from tests.models import write_solid_image
+
+    colours = [COLOURS[i % len(COLOURS)] for i in range(12)]
+    rows = []
+    for i, colour in enumerate(colours):
+        write_solid_image(str(tmp_path / "img" / f"{i}.png"), colour)
+        rows.append([f"img/{i}.png", f"{i:03d}", f"note, {i}"])
+    return write_manifest(tmp_path / "manifest.csv", ["uri", "id", "note"], rows), colours

@@ -1,0 +1,87 @@
+"""Showing a job's progress in the terminal: the CLI's side of the progress callback.
+
+On a terminal: a tqdm bar (done/total, images/s, ETA, failed rows). Anywhere else (cron,
+a pipe, CI): one plain log line every ``BATCHINF_PROGRESS_EVERY`` seconds (default 10).
+Both go to stderr, so stdout keeps only the result (and ``--json`` stays parseable).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from types import TracebackType
+from typing import Any
+
+from batchinf.pipeline import Progress
+
+
+def _format_eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def log_line(job_id: str, progress: Progress) -> str:
+    """One line a cron log can keep: time, counts, percentage, speed, ETA, failures."""
+    total = max(progress.rows_total, 1)
+    return (
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')} {job_id}: {progress.rows_done}/{progress.rows_total}"
+        f" rows ({100 * progress.rows_done / total:.0f}%), {progress.images_per_s:.1f} images/s,"
+        f" ETA {_format_eta(progress.eta_s)}, {progress.rows_failed} failed"
+    )
+
+
+class ProgressDisplay:
+    """A context manager whose ``update`` is the pipeline's progress callback."""
+
+    def __init__(self, job_id: str, *, quiet: bool = False, every_s: float | None = None) -> None:
+        self._job_id = job_id
+        self._quiet = quiet
+        self._tty = sys.stderr.isatty() and sys.stdout.isatty()
+        self._every = every_s if every_s is not None else float(
+            os.environ.get("BATCHINF_PROGRESS_EVERY", "10")
+        )
+        self._bar: Any = None
+        self._last_line = 0.0
+        self._last: Progress | None = None
+
+    def __enter__(self) -> ProgressDisplay:
+        return self
+
+    def update(self, progress: Progress) -> None:
+        self._last = progress
+        if self._quiet:
+            return
+        if self._tty:
+            self._draw(progress)
+        elif time.monotonic() - self._last_line >= self._every:
+            self._last_line = time.monotonic()
+            print(log_line(self._job_id, progress), file=sys.stderr, flush=True)
+
+    def _draw(self, progress: Progress) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(
+                total=progress.rows_total,
+                initial=progress.rows_done - progress.rows_this_run,
+                unit="img",
+                desc=self._job_id,
+                dynamic_ncols=True,
+                smoothing=0.1,
+            )
+        self._bar.update(progress.rows_done - self._bar.n)
+        self._bar.set_postfix(failed=progress.rows_failed, refresh=False)
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        elif self._last is not None and not self._quiet and not self._tty:
+            print(log_line(self._job_id, self._last), file=sys.stderr, flush=True)

@@ -1,0 +1,123 @@
+"""Medians over repeats, the printed table, the JSON record and the PNG bar chart."""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from bench.measure import Measurement
+
+COLUMNS = [
+    ("pipeline", "pipeline", "{}"),
+    ("status", "status", "{}"),
+    ("images", "images", "{}"),
+    ("images_per_s", "img/s", "{:.1f}"),
+    ("efficiency", "vs bare", "{:.2f}"),
+    ("seconds", "proc s", "{:.1f}"),
+    ("wall_seconds", "wall s", "{:.1f}"),
+    ("cpu_cores", "CPU cores", "{:.2f}"),
+    ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
+    ("peak_pss_mb", "peak PSS MB", "{:.0f}"),
+    ("other_cores", "others' cores", "{:.2f}"),
+]
+
+
+def _median(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def _status(runs: list[Measurement]) -> str:
+    bad = sorted({r.status for r in runs if r.status != "ok"})
+    if not bad:
+        return "ok"
+    label = ",".join("timeout/hung" if s in ("timeout", "hung") else s for s in bad)
+    return label if len(bad) == len(runs) else f"{label} ({len(bad)}/{len(runs)})"
+
+
+def summarize(name: str, runs: list[Measurement]) -> dict[str, Any]:
+    """Medians over the successful repeats (CPU and memory over all repeats, hung ones too)."""
+    ok = [r for r in runs if r.status == "ok" and r.result]
+    res = [r.result for r in ok if r.result]
+    return {
+        "pipeline": name,
+        "status": _status(runs),
+        "images": _median([x.get("images") for x in res]),
+        "images_per_s": _median([x.get("images_per_s") for x in res]),
+        "seconds": _median([x.get("seconds") for x in res]),
+        "total_seconds": _median([x.get("total_seconds") for x in res]),
+        "wall_seconds": _median([r.wall_seconds for r in ok]),
+        "cpu_cores": _median([r.cpu_seconds / r.wall_seconds for r in runs if r.wall_seconds]),
+        "peak_rss_mb": _median([r.peak_rss_mb for r in runs]),
+        "peak_pss_mb": _median([r.peak_pss_mb for r in runs]),
+        "other_cores": _median([r.other_cores for r in runs]),
+        "repeats": len(runs),
+    }
+
+
+def add_efficiency(rows: list[dict[str, Any]], baseline: str = "bare") -> None:
+    """``efficiency`` = images/s over the bare model's images/s (None without a bare run)."""
+    ref = next((r["images_per_s"] for r in rows if r["pipeline"] == baseline), None)
+    for row in rows:
+        ips = row["images_per_s"]
+        row["efficiency"] = round(ips / ref, 3) if ref and ips is not None else None
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    def cell(row: dict[str, Any], key: str, fmt: str) -> str:
+        return "-" if row.get(key) is None else fmt.format(row[key])
+
+    header = [title for _, title, _ in COLUMNS]
+    body = [[cell(r, key, fmt) for key, _, fmt in COLUMNS] for r in rows]
+    widths = [max(len(x) for x in col) for col in zip(header, *body, strict=True)]
+
+    def line(cells: list[str]) -> str:
+        first = cells[0].ljust(widths[0])
+        return "  ".join([first, *(c.rjust(w) for c, w in zip(cells[1:], widths[1:], strict=True))])
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(b) for b in body)])
+
+
+def write_json(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, default=str) + "\n")
+
+
+def _bar_label(row: dict[str, Any], key: str) -> str:
+    value = row.get(key)
+    if value is not None:
+        return f"{value:.3g}"
+    return "n/a" if row["status"] == "ok" else row["status"]
+
+
+def write_chart(path: Path, rows: list[dict[str, Any]], title: str) -> None:
+    """Four bar panels: images/s, efficiency, CPU cores, peak memory; failures in grey."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("images_per_s", "images / s"),
+        ("efficiency", "ratio to bare model"),
+        ("cpu_cores", "CPU cores used"),
+        ("peak_pss_mb", "peak memory (PSS MB)"),
+    ]
+    names = [r["pipeline"] for r in rows]
+    colors = ["tab:blue" if r["status"] == "ok" else "tab:gray" for r in rows]
+    fig, axes = plt.subplots(2, 2, figsize=(11, 7), constrained_layout=True)
+    for ax, (key, label) in zip(axes.flat, panels, strict=True):
+        values = [r.get(key) or 0.0 for r in rows]
+        bars = ax.bar(names, values, color=colors)
+        for bar, row in zip(bars, rows, strict=True):
+            ax.annotate(_bar_label(row, key), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=8)
+        ax.set_title(label)
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,213 @@
+"""Benchmark orchestrator: ``python -m bench.run --images N --model mobilenet_v2 --repeats R``.
+
+Generates the images and the model (cached under ``<out>/cache``), then runs every selected
+pipeline in its own subprocess, ``--repeats`` times, interleaved so that a noisy neighbour hits all
+pipelines alike. Prints a table of medians, writes ``<out>/bench-<timestamp>.json`` and ``.png``.
+
+Adding a pipeline (e.g. batchinf, local or through S3 on a moto server) is one ``Pipeline`` entry
+in ``PIPELINES``: a name, a one-line description, an argv builder and, optionally, a ``setup``
+context manager entered once per bench run that yields extra environment variables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.data import make_images
+from bench.measure import Measurement, run_measured
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class BenchContext:
+    """What an argv builder may use: the data, the model, the interpreter, scratch space."""
+
+    manifest: str
+    image_dir: str
+    model: str  # TF Serving style base folder
+    model_name: str
+    images: int
+    work: Path
+    python: str = sys.executable
+    env: dict[str, str] = field(default_factory=dict)
+
+
+ArgvBuilder = Callable[[BenchContext, Path], list[str]]
+Setup = Callable[[BenchContext], AbstractContextManager[dict[str, str]]]
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """One measured pipeline: ``argv(ctx, out_dir)`` is the command run in its own process."""
+
+    name: str
+    describe: str
+    argv: ArgvBuilder
+    setup: Setup | None = None
+
+
+def _baseline(kind: str, *extra: str) -> ArgvBuilder:
+    def build(ctx: BenchContext, out: Path) -> list[str]:
+        return [ctx.python, "-m", "bench.baselines", kind, "--manifest", ctx.manifest,
+                "--model", ctx.model, "--out", str(out), *extra]
+
+    return build
+
+
+def _bare(ctx: BenchContext, out: Path) -> list[str]:
+    return [*_baseline("bare")(ctx, out), "--images", str(ctx.images)]
+
+
+PIPELINES: dict[str, Pipeline] = {
+    p.name: p
+    for p in [
+        Pipeline("bare", "SavedModel predict on pre-decoded batches of 64 (the ceiling)", _bare),
+        Pipeline("tfdata", "single-process tf.data read/decode/resize -> predict -> Parquet",
+                 _baseline("tfdata")),
+        Pipeline("raydata-1", "plain Ray Data, decode tasks + 1 one-CPU predictor actor",
+                 _baseline("raydata", "--actors", "1")),
+        Pipeline("raydata-2", "plain Ray Data, decode tasks + 2 one-CPU predictor actors",
+                 _baseline("raydata", "--actors", "2")),
+        # batchinf entries go here, e.g. Pipeline("batchinf-local", ..., _batchinf_argv) and
+        # Pipeline("batchinf-s3", ..., _batchinf_s3_argv, setup=moto_bucket_with_images).
+    ]
+}
+
+
+def select(spec: str) -> list[Pipeline]:
+    """``bare,raydata``: exact names, or a prefix before ``-`` (``raydata`` -> raydata-1, -2)."""
+    chosen: list[Pipeline] = []
+    for word in filter(None, (w.strip() for w in spec.split(","))):
+        hits = [p for n, p in PIPELINES.items() if n == word or n.startswith(word + "-")]
+        if not hits:
+            raise SystemExit(f"unknown pipeline {word!r}; known: {', '.join(PIPELINES)}")
+        chosen += [p for p in hits if p not in chosen]
+    return chosen
+
+
+def _child_env(extra: dict[str, str]) -> dict[str, str]:
+    env = dict(os.environ)
+    # Ray workers inherit this, so they can import bench.* (the Predictor lives there).
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    return {**env, **extra}
+
+
+def _make_model(name: str, folder: Path) -> str:
+    """Built in a subprocess so that TensorFlow never loads into the measuring process."""
+    cmd = [sys.executable, "-m", "bench.models", name, str(folder)]
+    done = subprocess.run(cmd, env=_child_env({}), capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise SystemExit(f"model build failed:\n{done.stderr[-3000:]}")
+    return done.stdout.strip().splitlines()[-1]
+
+
+def prepare(args: argparse.Namespace) -> BenchContext:
+    cache = Path(args.cache or Path(args.out) / "cache").resolve()
+    image_dir = cache / f"images-seed{args.seed}"
+    t0 = time.monotonic()
+    manifest = make_images(image_dir, args.images, seed=args.seed)
+    model = _make_model(args.model, cache / "models")
+    print(f"data + model ready in {time.monotonic() - t0:.1f}s: {manifest}, {model}", flush=True)
+    work = Path(args.out).resolve() / "work"
+    return BenchContext(manifest, str(image_dir), model, args.model, args.images, work)
+
+
+@contextlib.contextmanager
+def _setups(ctx: BenchContext, pipelines: list[Pipeline]) -> Iterator[dict[str, dict[str, str]]]:
+    """Enter every pipeline's setup once for the whole run; yield each one's extra env."""
+    with contextlib.ExitStack() as stack:
+        yield {p.name: stack.enter_context(p.setup(ctx)) if p.setup else {} for p in pipelines}
+
+
+def run_once(ctx: BenchContext, pipe: Pipeline, rep: int, env: dict[str, str],
+             args: argparse.Namespace) -> Measurement:
+    out = ctx.work / f"{pipe.name}-r{rep}"
+    shutil.rmtree(out, ignore_errors=True)
+    argv = pipe.argv(ctx, out)
+    m = run_measured(argv, _child_env(env), ctx.work / "logs" / f"{pipe.name}-r{rep}.log",
+                     timeout=args.timeout, idle_timeout=args.idle_timeout, cwd=str(PROJECT_ROOT))
+    ips = (m.result or {}).get("images_per_s")
+    print(f"  {pipe.name} #{rep}: {m.status}, {ips} images/s, wall {m.wall_seconds:.1f}s, "
+          f"cpu {m.cpu_seconds:.1f}s, rss {m.peak_rss_mb:.0f} MB", flush=True)
+    return m
+
+
+def _versions() -> dict[str, str]:
+    names = ["tensorflow-cpu", "keras", "ray", "pyarrow", "numpy", "pillow"]
+    found = {}
+    for name in names:
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            found[name] = metadata.version(name)
+    return found
+
+
+def machine() -> dict[str, Any]:
+    return {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
+            "platform": platform.platform(), "python": platform.python_version(),
+            "packages": _versions()}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--images", type=int, default=500, help="number of distinct JPEGs")
+    p.add_argument("--model", default="mobilenet_v2", help="mobilenet_v2 | resnet50 | trivial")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--out", default="bench/results")
+    p.add_argument("--pipelines", default=",".join(PIPELINES), help="comma list or prefixes")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds before a run is killed")
+    p.add_argument("--idle-timeout", type=float, default=60.0,
+                   help="kill a run whose process tree stays under 0.15 cores this long (0: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", default=None, help="image/model cache (default <out>/cache)")
+    p.add_argument("--list", action="store_true", help="list the pipelines and exit")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        for p in PIPELINES.values():
+            print(f"{p.name:16} {p.describe}")
+        return 0
+    pipelines = select(args.pipelines)
+    ctx = prepare(args)
+    started, host = time.strftime("%Y%m%d-%H%M%S"), machine()
+    runs: dict[str, list[Measurement]] = {p.name: [] for p in pipelines}
+    with _setups(ctx, pipelines) as envs:
+        for rep in range(args.repeats):
+            for pipe in pipelines:
+                runs[pipe.name].append(run_once(ctx, pipe, rep, envs[pipe.name], args))
+    rows = [report.summarize(name, ms) for name, ms in runs.items()]
+    report.add_efficiency(rows)
+    title = f"{args.model}, {args.images} images, median of {args.repeats}, {host['cpus']} CPUs"
+    print(f"\n{title}\n{report.format_table(rows)}")
+    out = Path(args.out)
+    record = {"started": started, "args": vars(args), "machine": host, "summary": rows,
+              "pipelines": {p.name: {"describe": p.describe,
+                                     "runs": [m.to_dict() for m in runs[p.name]]}
+                            for p in pipelines}}
+    report.write_json(out / f"bench-{started}.json", record)
+    report.write_chart(out / f"bench-{started}.png", rows, title)
+    print(f"\nwrote {out / f'bench-{started}.json'} and .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
