@@ -37,6 +37,16 @@ StoreOption = Annotated[
     ),
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
+AddressOption = Annotated[
+    str | None,
+    typer.Option(
+        "--address",
+        envvar="RAY_ADDRESS",
+        help="Ray Jobs API of the cluster, e.g. http://head:8265 [default: a local Ray].",
+        show_default=False,
+    ),
+]
+JobArgument = Annotated[str, typer.Argument(help="The job id that submit printed.")]
 
 
 def parse_replicas(value: str) -> tuple[int, int]:
@@ -81,10 +91,11 @@ def submit(
     ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Run or follow the job to its end.")] = False,
     store: StoreOption = None,
+    address: AddressOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Submit a job: classify every image in MANIFEST and write predictions to OUTPUT."""
-    from batchinf.job import JobSpec
+    from batchinf.job import JobSpec, JobState
     from batchinf.store import JobStore
 
     low, high = parse_replicas(replicas)
@@ -107,19 +118,48 @@ def submit(
     spec.validate()
     job_store = JobStore.from_uri(store)
     job, created = job_store.create(spec)
+    said = "submitted" if created else "already submitted (same idempotency key)"
+    dispatched = _ensure_dispatcher(job_store, address, start=not wait)
     if not wait:
         _show({"job_id": job.job_id, "state": job.state.value, "created": created}, as_json,
-              f"{job.job_id} {'submitted' if created else 'already submitted'} ({job.state.value})")
+              f"{job.job_id} {said} ({job.state.value})")
         return
     if not as_json:
-        typer.echo(f"{job.job_id} {'submitted' if created else 'already submitted'}", err=True)
-    _run_here(job_store, job.job_id, as_json)
+        typer.echo(f"{job.job_id} {said}", err=True)
+    if dispatched or not created or job.state is not JobState.QUEUED:
+        _follow(job_store, job.job_id, as_json)
+    else:
+        _run_here(job_store, job.job_id, as_json)
+
+
+def _ensure_dispatcher(job_store: Any, address: str | None, *, start: bool) -> bool:
+    """True when a dispatcher serves this store (a cluster's, or a local one started here).
+
+    With a cluster address, the cluster's own dispatcher takes the job whenever it runs.
+    With none and ``start``, a local dispatcher (with its own local Ray) starts in the
+    background and exits after a minute with nothing to do.
+    """
+    if address or job_store.lease_holder() is not None:
+        return True
+    if not start:
+        return False
+    import os
+    import subprocess
+
+    log_path = os.path.join(os.path.expanduser("~"), ".batchinf-dispatcher.log")
+    with open(log_path, "ab") as log:
+        subprocess.Popen(
+            [sys.executable, "-m", "batchinf.cli", "dispatcher", "--store", job_store.root,
+             "--idle-exit", "60"],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+        )
+    return True
 
 
 def _run_here(job_store: Any, job_id: str, as_json: bool) -> None:
     """Embedded default: run the job in this process on a local Ray instance, with progress."""
-    from batchinf.pipeline import ensure_ray
     from batchinf.display import ProgressDisplay
+    from batchinf.pipeline import ensure_ray
     from batchinf.worker import execute
 
     ensure_ray()
@@ -158,6 +198,211 @@ def _describe(job: Any) -> str:
 
 def _show(data: dict, as_json: bool, text: str) -> None:
     typer.echo(json.dumps(data) if as_json else text)
+
+
+def _follow(job_store: Any, job_id: str, as_json: bool) -> None:
+    """Follow a job that runs elsewhere, from its record, until it ends."""
+    import time
+
+    from batchinf.display import ProgressDisplay, Snapshot
+
+    with ProgressDisplay(job_id, quiet=as_json) as display:
+        while True:
+            job = job_store.get(job_id)
+            if job.rows_total:
+                display.update(Snapshot(job.rows_total, job.rows_done, job.rows_failed,
+                                        job.images_per_s or 0.0))
+            if job.state.terminal:
+                break
+            time.sleep(1.0)
+    _show_final(job, as_json)
+
+
+@app.command()
+def status(job_id: JobArgument, store: StoreOption = None, as_json: JsonOption = False) -> None:
+    """Show a job's state, rows done / failed / total, speed, ETA and output."""
+    from batchinf.store import JobStore
+
+    job = JobStore.from_uri(store).get(job_id)
+    if as_json:
+        typer.echo(json.dumps(job.to_dict(), indent=2))
+        return
+    total = job.rows_total if job.rows_total is not None else "?"
+    rate = job.images_per_s or 0.0
+    eta = ""
+    if job.state.value == "RUNNING" and rate > 0 and job.rows_total:
+        eta = f", ETA {int((job.rows_total - job.rows_done) / rate)} s"
+    lines = [
+        f"{job.job_id}: {job.state.value} (attempt {job.attempt}, priority {job.spec.priority})",
+        f"  rows      {job.rows_done}/{total} done, {job.rows_failed} failed",
+        f"  speed     {rate:.1f} images/s{eta}",
+        f"  output    {job.spec.output}",
+    ]
+    if job.ray_job_id:
+        lines.append(f"  ray job   {job.ray_job_id}")
+    if job.cancel_requested and not job.state.terminal:
+        lines.append("  cancel    requested")
+    if job.error:
+        lines.append(f"  error     {job.error['type']}: {job.error['message']}")
+    typer.echo("\n".join(lines))
+
+
+@app.command("list")
+def list_jobs(
+    state: Annotated[
+        list[str] | None, typer.Option(help="Only jobs in this state (repeatable).")
+    ] = None,
+    store: StoreOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """List jobs, oldest first."""
+    from batchinf.job import JobState
+    from batchinf.store import JobStore
+
+    try:
+        states = {JobState(s.upper()) for s in state} if state else None
+    except ValueError as exc:
+        raise UsageError(f"--state takes one of {', '.join(s.value for s in JobState)}") from exc
+    jobs = JobStore.from_uri(store).list(states)
+    if as_json:
+        typer.echo(json.dumps([j.to_dict() for j in jobs], indent=2))
+        return
+    typer.echo(f"{'JOB':<28}{'STATE':<11}{'PRIO':>5}{'ROWS':>16}  OUTPUT")
+    for j in jobs:
+        rows = f"{j.rows_done}/{j.rows_total if j.rows_total is not None else '?'}"
+        typer.echo(f"{j.job_id:<28}{j.state.value:<11}{j.spec.priority:>5}{rows:>16}  {j.spec.output}")
+
+
+@app.command()
+def wait(job_id: JobArgument, store: StoreOption = None, as_json: JsonOption = False) -> None:
+    """Follow a job until it ends; the exit code says how (0 ok, 1 failed, 3 cancelled)."""
+    from batchinf.store import JobStore
+
+    _follow(JobStore.from_uri(store), job_id, as_json)
+
+
+@app.command()
+def cancel(
+    job_id: JobArgument,
+    store: StoreOption = None,
+    no_wait: Annotated[bool, typer.Option("--no-wait", help="Return once requested.")] = False,
+    as_json: JsonOption = False,
+) -> None:
+    """Cancel a job: a queued one at once, a running one within seconds (no _SUCCESS)."""
+    import time
+
+    from batchinf.store import JobStore
+
+    job_store = JobStore.from_uri(store)
+    job = job_store.request_cancel(job_id)
+    deadline = time.monotonic() + 120
+    while not no_wait and not job.state.terminal and time.monotonic() < deadline:
+        time.sleep(0.5)
+        job = job_store.get(job_id)
+    _show({"job_id": job_id, "state": job.state.value, "cancel_requested": job.cancel_requested},
+          as_json, f"{job_id}: {job.state.value}"
+          + (" (cancel requested)" if not job.state.terminal else ""))
+
+
+@app.command()
+def resume(
+    job_id: JobArgument,
+    wait: Annotated[bool, typer.Option("--wait", help="Run or follow it to its end.")] = False,
+    store: StoreOption = None,
+    address: AddressOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Queue a failed, cancelled or orphaned job again; it redoes only uncommitted shards."""
+    from batchinf.job import Job, JobState, transition
+    from batchinf.store import JobStore
+    from batchinf.worker import runner_is_gone
+
+    job_store = JobStore.from_uri(store)
+
+    def requeue(job: Job) -> Job:
+        if job.state in (JobState.FAILED, JobState.CANCELLED):
+            return transition(job, JobState.QUEUED)
+        if job.state is JobState.RUNNING and runner_is_gone(job):
+            return transition(job, JobState.QUEUED)
+        if job.state is JobState.QUEUED:
+            return job
+        raise UsageError(f"job {job_id} is {job.state.value}; only FAILED, CANCELLED or "
+                         "orphaned RUNNING jobs can be resumed")
+
+    job = job_store.update(job_id, requeue)
+    dispatched = _ensure_dispatcher(job_store, address, start=not wait)
+    if not wait:
+        _show({"job_id": job_id, "state": job.state.value}, as_json, f"{job_id}: {job.state.value}")
+        return
+    if dispatched:
+        _follow(job_store, job_id, as_json)
+    else:
+        _run_here(job_store, job_id, as_json)
+
+
+@app.command()
+def logs(job_id: JobArgument, store: StoreOption = None, address: AddressOption = None) -> None:
+    """Print the logs of the job's current (or last) Ray job."""
+    from batchinf.dispatcher import jobs_client
+    from batchinf.store import JobStore
+
+    job = JobStore.from_uri(store).get(job_id)
+    target = address or job.ray_address
+    if not job.ray_job_id or job.ray_job_id.startswith("local-") or not target:
+        raise UsageError(f"job {job_id} ran in-process (submit --wait): its log went to that terminal")
+    typer.echo(jobs_client(target).get_job_logs(job.ray_job_id), nl=False)
+
+
+@app.command()
+def dispatcher(
+    address: AddressOption = None,
+    store: StoreOption = None,
+    max_running: Annotated[int, typer.Option(help="Jobs running at once.")] = 2,
+    poll: Annotated[float, typer.Option(help="Seconds between rounds.")] = 2.0,
+    idle_exit: Annotated[
+        float | None, typer.Option(help="Exit after this many idle seconds [default: never].")
+    ] = None,
+) -> None:
+    """Run the dispatcher: launch queued jobs as Ray jobs, requeue orphans (runs on the head)."""
+    import logging
+
+    from batchinf.dispatcher import Dispatcher
+    from batchinf.store import JobStore
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    if max_running < 1:
+        raise UsageError("--max-running must be at least 1")
+    head = None
+    if not address:
+        from batchinf.localray import start_head
+
+        head = start_head()
+        address = head.jobs_address
+        logging.info("started a local Ray head; dashboard and Jobs API at %s", address)
+    try:
+        Dispatcher(JobStore.from_uri(store), address, max_running=max_running).serve(poll, idle_exit)
+    finally:
+        if head is not None:
+            head.stop()
+
+
+@app.command(hidden=True)
+def run(
+    job_id: JobArgument,
+    run_id: Annotated[str, typer.Option(help="The attempt's Ray submission id.")],
+    store: StoreOption = None,
+) -> None:
+    """Entrypoint of a job's Ray job: run a claimed job here (the dispatcher calls this)."""
+    from batchinf.display import ProgressDisplay
+    from batchinf.pipeline import ensure_ray
+    from batchinf.store import JobStore
+    from batchinf.worker import run_claimed
+
+    ensure_ray()
+    job_store = JobStore.from_uri(store)
+    with ProgressDisplay(job_id) as display:
+        job = run_claimed(job_store, job_id, run_id, display.update)
+    _show_final(job, False)
 
 
 @app.command()

@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import sys
 import time
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-from batchinf.pipeline import Progress
+from batchinf.progress import Progress
 
 
 def _format_eta(seconds: float | None) -> str:
@@ -23,7 +24,7 @@ def _format_eta(seconds: float | None) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def log_line(job_id: str, progress: Progress) -> str:
+def log_line(job_id: str, progress: Progress | Snapshot) -> str:
     """One line a cron log can keep: time, counts, percentage, speed, ETA, failures."""
     total = max(progress.rows_total, 1)
     return (
@@ -31,6 +32,23 @@ def log_line(job_id: str, progress: Progress) -> str:
         f" rows ({100 * progress.rows_done / total:.0f}%), {progress.images_per_s:.1f} images/s,"
         f" ETA {_format_eta(progress.eta_s)}, {progress.rows_failed} failed"
     )
+
+
+@dataclass
+class Snapshot:
+    """Progress as a job record tells it (for following a job that runs elsewhere)."""
+
+    rows_total: int
+    rows_done: int
+    rows_failed: int
+    images_per_s: float
+    rows_this_run: int = 0
+
+    @property
+    def eta_s(self) -> float | None:
+        if self.images_per_s <= 0:
+            return None
+        return (self.rows_total - self.rows_done) / self.images_per_s
 
 
 class ProgressDisplay:
@@ -45,12 +63,12 @@ class ProgressDisplay:
         )
         self._bar: Any = None
         self._last_line = 0.0
-        self._last: Progress | None = None
+        self._last: Progress | Snapshot | None = None
 
     def __enter__(self) -> ProgressDisplay:
         return self
 
-    def update(self, progress: Progress) -> None:
+    def update(self, progress: Progress | Snapshot) -> None:
         self._last = progress
         if self._quiet:
             return
@@ -60,7 +78,7 @@ class ProgressDisplay:
             self._last_line = time.monotonic()
             print(log_line(self._job_id, progress), file=sys.stderr, flush=True)
 
-    def _draw(self, progress: Progress) -> None:
+    def _draw(self, progress: Progress | Snapshot) -> None:
         if self._bar is None:
             from tqdm import tqdm
 

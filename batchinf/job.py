@@ -126,6 +126,9 @@ class Job:
     error: dict[str, Any] | None = None  # {"type", "message", "attempt"}
     summary: dict[str, Any] | None = None
     cancel_requested: bool = False
+    images_per_s: float | None = None  # speed of the current attempt, from its runner
+    runner: dict[str, Any] | None = None  # {"host", "pid"} of the process running the attempt
+    ray_address: str | None = None  # Ray Jobs API address the attempt was submitted to
 
     @classmethod
     def new(cls, spec: JobSpec, *, job_id: str | None = None, now: float | None = None) -> Job:
@@ -183,9 +186,11 @@ def transition(job: Job, new: JobState, *, now: float | None = None) -> Job:
     elif new.terminal:
         changes["ended_at"] = now
     elif job.state.terminal:  # resume into QUEUED
-        changes.update(ended_at=None, error=None, cancel_requested=False, ray_job_id=None)
+        changes.update(
+            ended_at=None, error=None, cancel_requested=False, ray_job_id=None, runner=None
+        )
     else:  # requeue RUNNING -> QUEUED: the attempt's Ray job is gone
-        changes["ray_job_id"] = None
+        changes.update(ray_job_id=None, runner=None)
     return dataclasses.replace(job, **changes)
 
 

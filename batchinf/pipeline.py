@@ -21,7 +21,7 @@ import math
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from batchinf import manifest, sink, storage
@@ -31,30 +31,7 @@ from batchinf.job import JobSpec
 from batchinf.model import ModelSource, resolve_model
 from batchinf.pool import PredictorPool, plan_resources
 from batchinf.predictor import PredictedBatch
-
-
-@dataclass
-class Progress:
-    """How far a job is; handed to the progress callback after every batch."""
-
-    rows_total: int
-    rows_done: int = 0
-    rows_failed: int = 0
-    rows_this_run: int = 0
-    started: float = field(default_factory=time.monotonic)
-
-    @property
-    def elapsed(self) -> float:
-        return time.monotonic() - self.started
-
-    @property
-    def images_per_s(self) -> float:
-        return self.rows_this_run / self.elapsed if self.elapsed > 0 else 0.0
-
-    @property
-    def eta_s(self) -> float | None:
-        rate = self.images_per_s
-        return (self.rows_total - self.rows_done) / rate if rate > 0 else None
+from batchinf.progress import Progress
 
 
 @dataclass
@@ -247,17 +224,26 @@ def run_job(
     return JobRunner(job_id, spec, on_progress, should_stop).run()
 
 
-def ensure_ray(address: str | None = None) -> None:
-    """Connect to the cluster at ``address``, or start a local Ray instance (embedded default)."""
+def ensure_ray(address: str | None = None, *, dashboard: bool = False) -> str | None:
+    """Connect to the cluster at ``address``, or start a local Ray instance (embedded default).
+
+    Returns the dashboard's URL (its Jobs API) when this call started or joined Ray.
+    """
     import ray
 
     if ray.is_initialized():
-        return
-    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+        return None
     try:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        context = ray.init(
+            address=address,
+            log_to_driver=False,
+            configure_logging=False,
+            include_dashboard=True if dashboard else None,
+        )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise BatchinfError(f"cannot reach the Ray cluster at {address}: {exc}") from exc
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url and "://" not in url else url
 
 
 def _resolve(manifest_uri: str, uri: str) -> str:

@@ -235,6 +235,8 @@ class JobStore:
         rows_total: int | None = None,
         *,
         ray_job_id: str | None = None,
+        images_per_s: float | None = None,
+        runner: dict[str, Any] | None = None,
     ) -> Job:
         """Store a RUNNING job's row counts; the record (its runner reads ``cancel_requested``).
 
@@ -250,9 +252,54 @@ class JobStore:
             job.rows_done, job.rows_failed = rows_done, rows_failed
             if rows_total is not None:
                 job.rows_total = rows_total
+            if images_per_s is not None:
+                job.images_per_s = round(images_per_s, 2)
+            if runner is not None:
+                job.runner = runner
             return job
 
         return self.update(job_id, change)
+
+    # -- the dispatcher's lease ----------------------------------------------------------------
+
+    def acquire_lease(self, owner: str, ttl_s: float) -> bool:
+        """Become (or stay) the one active dispatcher of this store for ``ttl_s`` seconds.
+
+        True if ``owner`` holds the lease now: it was free, expired, or already ``owner``'s.
+        Two dispatchers racing for an expired lease cannot both win (conditional writes).
+        """
+        uri = storage.join(self.root, "dispatcher.json")
+        now = time.time()
+        record = _encode({"owner": owner, "expires_at": now + ttl_s, "renewed_at": now})
+        try:
+            raw, etag = storage.read_with_etag(uri)
+        except NotFoundError:
+            try:
+                storage.write_bytes(uri, record, if_none_match=True)
+                return True
+            except PreconditionFailed:
+                return False
+        current = _decode(raw, uri)
+        if current.get("owner") != owner and float(current.get("expires_at", 0)) > now:
+            return False
+        try:
+            storage.write_bytes(uri, record, if_match=etag)
+            return True
+        except (PreconditionFailed, NotFoundError):
+            return False
+
+    def lease_holder(self) -> str | None:
+        """The owner of an unexpired dispatcher lease, if any."""
+        uri = storage.join(self.root, "dispatcher.json")
+        try:
+            current = _decode(storage.read_bytes(uri), uri)
+        except NotFoundError:
+            return None
+        return current.get("owner") if float(current.get("expires_at", 0)) > time.time() else None
+
+    def release_lease(self, owner: str) -> None:
+        if self.lease_holder() == owner:
+            storage.delete(storage.join(self.root, "dispatcher.json"))
 
 
 __all__ = ["CAS_TRIES", "JobStore", "default_store_uri"]

@@ -9,12 +9,15 @@ embedded default and as the entrypoint of a Ray job on a cluster.
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from collections.abc import Callable
 
 from batchinf.errors import BatchinfError, JobError
 from batchinf.job import Job, JobState, fail, transition
-from batchinf.pipeline import Progress, run_job
+from batchinf.pipeline import run_job
+from batchinf.progress import Progress
 from batchinf.store import JobStore
 
 RECORD_EVERY_S = 2.0
@@ -34,19 +37,46 @@ class _RecordKeeper:
         if self._on_progress is not None:
             self._on_progress(progress)
         if time.monotonic() - self._last >= RECORD_EVERY_S:
-            self._write(progress.rows_done, progress.rows_failed, progress.rows_total)
+            self._write(
+                progress.rows_done, progress.rows_failed, progress.rows_total, progress.images_per_s
+            )
 
     def should_stop(self) -> bool:
         if time.monotonic() - self._last >= RECORD_EVERY_S:
             self._write(self._job.rows_done, self._job.rows_failed, self._job.rows_total)
         return self.cancel_requested
 
-    def _write(self, done: int, failed: int, total: int | None) -> None:
+    def _write(self, done: int, failed: int, total: int | None, rate: float | None = None) -> None:
         self._last = time.monotonic()
         self._job = self._store.record_progress(
-            self._job.job_id, done, failed, total, ray_job_id=self._job.ray_job_id
+            self._job.job_id,
+            done,
+            failed,
+            total,
+            ray_job_id=self._job.ray_job_id,
+            images_per_s=rate,
+            runner=this_runner(),
         )
         self.cancel_requested = self._job.cancel_requested
+
+
+def this_runner() -> dict[str, object]:
+    """Where this attempt runs, so a dead runner can be told from a slow one."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def runner_is_gone(job: Job) -> bool:
+    """True when the job's runner was on this host and its process no longer exists."""
+    runner = job.runner or {}
+    if runner.get("host") != socket.gethostname() or not runner.get("pid"):
+        return False
+    try:
+        os.kill(int(runner["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def execute(
@@ -60,6 +90,21 @@ def execute(
     if job is None:
         current = store.get(job_id)
         raise JobError(f"job {job_id} is {current.state.value}, not QUEUED: nothing to run")
+    return run_claimed(store, job_id, run_id, on_progress)
+
+
+def run_claimed(
+    store: JobStore,
+    job_id: str,
+    run_id: str,
+    on_progress: Callable[[Progress], None] | None = None,
+) -> Job:
+    """Run a job already claimed for ``run_id`` (by a dispatcher) and return its final record."""
+    job = store.get(job_id)
+    if job.state is not JobState.RUNNING or job.ray_job_id != run_id:
+        raise JobError(f"job {job_id} is not running as {run_id}: nothing to do")
+    job = store.record_progress(job_id, job.rows_done, job.rows_failed, ray_job_id=run_id,
+                                runner=this_runner())
     keeper = _RecordKeeper(store, job, on_progress)
     try:
         result = run_job(job_id, job.spec, keeper.progress, keeper.should_stop)
@@ -67,9 +112,9 @@ def execute(
         _finish(store, job_id, run_id, lambda j: transition(j, JobState.CANCELLED))
         raise
     except BatchinfError as exc:
-        return _finish(store, job_id, run_id, lambda j: fail(j, type(exc).__name__, str(exc)))
+        return _finish(store, job_id, run_id, _failure(exc))
     except Exception as exc:  # an unexpected crash still ends the record, never leaves it RUNNING
-        _finish(store, job_id, run_id, lambda j: fail(j, type(exc).__name__, str(exc)))
+        _finish(store, job_id, run_id, _failure(exc))
         raise
     summary = result.summary
     end = JobState.CANCELLED if result.cancelled else JobState.SUCCEEDED
@@ -80,9 +125,15 @@ def execute(
         done.rows_total = summary["rows_total"]
         done.rows_done = summary["rows_ok"] + summary["rows_failed"]
         done.rows_failed = summary["rows_failed"]
+        done.images_per_s = summary["images_per_s"]
         return done
 
     return _finish(store, job_id, run_id, finished)
+
+
+def _failure(exc: BaseException) -> Callable[[Job], Job]:
+    kind, message = type(exc).__name__, str(exc)
+    return lambda job: fail(job, kind, message)
 
 
 def _finish(store: JobStore, job_id: str, run_id: str, change: Callable[[Job], Job]) -> Job:

@@ -204,9 +204,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     RUNNERS[args.pipeline](args)
+    return 0
 
 
 if __name__ == "__main__":

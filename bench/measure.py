@@ -24,6 +24,7 @@ from typing import Any
 import psutil
 
 MB = 1024 * 1024
+IDLE_CORES = 0.35  # an idle local Ray (raylet, GCS, dashboard, agents) alone uses ~0.15
 
 
 @dataclass
@@ -113,9 +114,13 @@ class TreeSampler(threading.Thread):
         return [p for p in self.seen.values() if p.is_running()]  # is_running checks create_time
 
 
-def _kill_tree(proc: subprocess.Popen[bytes], sampler: TreeSampler) -> int:
-    """SIGKILL the session we started and every process of the tree we saw; count survivors."""
-    leftovers = [p for p in sampler.alive() if p.pid != proc.pid]
+def _kill_tree(proc: subprocess.Popen[bytes], sampler: TreeSampler, grace: float) -> int:
+    """SIGKILL the session we started and every process of the tree we saw.
+
+    Returns how many descendants were still alive ``grace`` seconds after the root ended
+    (Ray's helpers take a moment to exit after ``ray.shutdown()``).
+    """
+    _, leftovers = psutil.wait_procs([p for p in sampler.alive() if p.pid != proc.pid], grace)
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)  # start_new_session=True: pgid == pid
     for p in [*leftovers, *sampler.alive()]:
@@ -126,9 +131,7 @@ def _kill_tree(proc: subprocess.Popen[bytes], sampler: TreeSampler) -> int:
     return len(leftovers)
 
 
-def _wait(
-    proc: subprocess.Popen[bytes], sampler: TreeSampler, timeout: float, idle: float
-) -> str:
+def _wait(proc: subprocess.Popen[bytes], sampler: TreeSampler, timeout: float, idle: float) -> str:
     start = time.monotonic()
     while True:
         try:
@@ -138,7 +141,7 @@ def _wait(
             pass
         if time.monotonic() - start > timeout:
             return "timeout"
-        if sampler.idle_for(idle, max_cores=0.15):
+        if sampler.idle_for(idle, max_cores=IDLE_CORES):
             return "hung"
 
 
@@ -183,7 +186,7 @@ def run_measured(
         status = _wait(proc, sampler, timeout, idle_timeout)
         wall = time.monotonic() - t0
         sampler.stop()
-        leftovers = _kill_tree(proc, sampler)
+        leftovers = _kill_tree(proc, sampler, grace=3.0 if status == "ok" else 0.0)
     # Reaped descendants are in RUSAGE_CHILDREN; orphans only in the samples: take the larger.
     cpu = max(_rusage_cpu(resource.RUSAGE_CHILDREN) - children0, sampler.cpu_seconds())
     others = _busy_seconds() - busy0 - cpu - (_rusage_cpu(resource.RUSAGE_SELF) - self0)

@@ -89,7 +89,7 @@ def write_json(path: Path, record: dict[str, Any]) -> None:
 def _bar_label(row: dict[str, Any], key: str) -> str:
     value = row.get(key)
     if value is not None:
-        return f"{value:.3g}"
+        return f"{value:.0f}" if value >= 100 else f"{value:.3g}"
     return "n/a" if row["status"] == "ok" else row["status"]
 
 
@@ -113,8 +113,13 @@ def write_chart(path: Path, rows: list[dict[str, Any]], title: str) -> None:
         values = [r.get(key) or 0.0 for r in rows]
         bars = ax.bar(names, values, color=colors)
         for bar, row in zip(bars, rows, strict=True):
-            ax.annotate(_bar_label(row, key), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=8)
+            ax.annotate(
+                _bar_label(row, key),
+                (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                ha="center",
+                va="bottom",
+                fontsize=8,
+            )
         ax.set_title(label)
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle(title)

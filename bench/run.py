@@ -63,8 +63,19 @@ class Pipeline:
 
 def _baseline(kind: str, *extra: str) -> ArgvBuilder:
     def build(ctx: BenchContext, out: Path) -> list[str]:
-        return [ctx.python, "-m", "bench.baselines", kind, "--manifest", ctx.manifest,
-                "--model", ctx.model, "--out", str(out), *extra]
+        return [
+            ctx.python,
+            "-m",
+            "bench.baselines",
+            kind,
+            "--manifest",
+            ctx.manifest,
+            "--model",
+            ctx.model,
+            "--out",
+            str(out),
+            *extra,
+        ]
 
     return build
 
@@ -77,12 +88,21 @@ PIPELINES: dict[str, Pipeline] = {
     p.name: p
     for p in [
         Pipeline("bare", "SavedModel predict on pre-decoded batches of 64 (the ceiling)", _bare),
-        Pipeline("tfdata", "single-process tf.data read/decode/resize -> predict -> Parquet",
-                 _baseline("tfdata")),
-        Pipeline("raydata-1", "plain Ray Data, decode tasks + 1 one-CPU predictor actor",
-                 _baseline("raydata", "--actors", "1")),
-        Pipeline("raydata-2", "plain Ray Data, decode tasks + 2 one-CPU predictor actors",
-                 _baseline("raydata", "--actors", "2")),
+        Pipeline(
+            "tfdata",
+            "single-process tf.data read/decode/resize -> predict -> Parquet",
+            _baseline("tfdata"),
+        ),
+        Pipeline(
+            "raydata-1",
+            "plain Ray Data: read_csv -> decode -> pool of 1 one-CPU predictor actor",
+            _baseline("raydata", "--actors", "1"),
+        ),
+        Pipeline(
+            "raydata-2",
+            "plain Ray Data: read_csv -> decode -> pool of 2 one-CPU predictor actors",
+            _baseline("raydata", "--actors", "2"),
+        ),
         # batchinf entries go here, e.g. Pipeline("batchinf-local", ..., _batchinf_argv) and
         # Pipeline("batchinf-s3", ..., _batchinf_s3_argv, setup=moto_bucket_with_images).
     ]
@@ -135,16 +155,26 @@ def _setups(ctx: BenchContext, pipelines: list[Pipeline]) -> Iterator[dict[str, 
         yield {p.name: stack.enter_context(p.setup(ctx)) if p.setup else {} for p in pipelines}
 
 
-def run_once(ctx: BenchContext, pipe: Pipeline, rep: int, env: dict[str, str],
-             args: argparse.Namespace) -> Measurement:
+def run_once(
+    ctx: BenchContext, pipe: Pipeline, rep: int, env: dict[str, str], args: argparse.Namespace
+) -> Measurement:
     out = ctx.work / f"{pipe.name}-r{rep}"
     shutil.rmtree(out, ignore_errors=True)
     argv = pipe.argv(ctx, out)
-    m = run_measured(argv, _child_env(env), ctx.work / "logs" / f"{pipe.name}-r{rep}.log",
-                     timeout=args.timeout, idle_timeout=args.idle_timeout, cwd=str(PROJECT_ROOT))
+    m = run_measured(
+        argv,
+        _child_env(env),
+        ctx.work / "logs" / f"{pipe.name}-r{rep}.log",
+        timeout=args.timeout,
+        idle_timeout=args.idle_timeout,
+        cwd=str(PROJECT_ROOT),
+    )
     ips = (m.result or {}).get("images_per_s")
-    print(f"  {pipe.name} #{rep}: {m.status}, {ips} images/s, wall {m.wall_seconds:.1f}s, "
-          f"cpu {m.cpu_seconds:.1f}s, rss {m.peak_rss_mb:.0f} MB", flush=True)
+    print(
+        f"  {pipe.name} #{rep}: {m.status}, {ips} images/s, wall {m.wall_seconds:.1f}s, "
+        f"cpu {m.cpu_seconds:.1f}s, rss {m.peak_rss_mb:.0f} MB",
+        flush=True,
+    )
     return m
 
 
@@ -158,22 +188,33 @@ def _versions() -> dict[str, str]:
 
 
 def machine() -> dict[str, Any]:
-    return {"cpus": os.cpu_count(), "loadavg_at_start": os.getloadavg(),
-            "platform": platform.platform(), "python": platform.python_version(),
-            "packages": _versions()}
+    return {
+        "cpus": os.cpu_count(),
+        "loadavg_at_start": os.getloadavg(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "packages": _versions(),
+    }
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.run",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--images", type=int, default=500, help="number of distinct JPEGs")
     p.add_argument("--model", default="mobilenet_v2", help="mobilenet_v2 | resnet50 | trivial")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="bench/results")
     p.add_argument("--pipelines", default=",".join(PIPELINES), help="comma list or prefixes")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds before a run is killed")
-    p.add_argument("--idle-timeout", type=float, default=60.0,
-                   help="kill a run whose process tree stays under 0.15 cores this long (0: off)")
+    p.add_argument(
+        "--idle-timeout",
+        type=float,
+        default=60.0,
+        help="kill a run whose process tree stays under 0.35 cores this long (0: off)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=None, help="image/model cache (default <out>/cache)")
     p.add_argument("--list", action="store_true", help="list the pipelines and exit")
@@ -199,10 +240,16 @@ def main(argv: list[str] | None = None) -> int:
     title = f"{args.model}, {args.images} images, median of {args.repeats}, {host['cpus']} CPUs"
     print(f"\n{title}\n{report.format_table(rows)}")
     out = Path(args.out)
-    record = {"started": started, "args": vars(args), "machine": host, "summary": rows,
-              "pipelines": {p.name: {"describe": p.describe,
-                                     "runs": [m.to_dict() for m in runs[p.name]]}
-                            for p in pipelines}}
+    record = {
+        "started": started,
+        "args": vars(args),
+        "machine": host,
+        "summary": rows,
+        "pipelines": {
+            p.name: {"describe": p.describe, "runs": [m.to_dict() for m in runs[p.name]]}
+            for p in pipelines
+        },
+    }
     report.write_json(out / f"bench-{started}.json", record)
     report.write_chart(out / f"bench-{started}.png", rows, title)
     print(f"\nwrote {out / f'bench-{started}.json'} and .png")

@@ -31,8 +31,9 @@ def make_job(**spec: Any) -> Job:
 def test_stored_keys_are_pinned_so_old_records_stay_readable() -> None:
     data = make_job().to_dict()
     assert sorted(data) == [
-        "attempt", "cancel_requested", "created_at", "ended_at", "error", "job_id", "ray_job_id",
-        "rows_done", "rows_failed", "rows_total", "spec", "started_at", "state", "summary",
+        "attempt", "cancel_requested", "created_at", "ended_at", "error", "images_per_s", "job_id",
+        "ray_address", "ray_job_id", "rows_done", "rows_failed", "rows_total", "runner", "spec",
+        "started_at", "state", "summary",
         "updated_at",
     ]  # fmt: skip
     assert sorted(data["spec"]) == [

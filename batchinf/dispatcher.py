@@ -1,0 +1,168 @@
+"""The dispatcher: the long-lived loop on a cluster's head that turns QUEUED jobs into Ray jobs.
+
+Each round it
+1. reconciles: a RUNNING job whose Ray job has ended or vanished (driver killed, cluster
+   restarted) without recording an end is requeued, to resume from its committed parts; after
+   ``MAX_ATTEMPTS`` such crashes it fails instead, so a job that always crashes stops;
+2. enforces cancels: a RUNNING job whose cancel its runner has not honoured within
+   ``CANCEL_GRACE_S`` has its Ray job stopped;
+3. launches QUEUED jobs, highest priority first, then oldest, while fewer than
+   ``max_running`` run. It claims a job (QUEUED -> RUNNING, which only one dispatcher can win)
+   before submitting its Ray job with a readable submission id, ``<job_id>-a<attempt>``;
+   a dispatcher that dies between the two leaves a RUNNING job with no Ray job, which the next
+   round requeues.
+
+The store holds all state, so a dispatcher can be restarted at any time, and a job submitted
+while no cluster runs simply waits as QUEUED. A lease in the store keeps one dispatcher active
+per store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from batchinf.errors import BatchinfError
+from batchinf.job import Job, JobState, fail, transition
+from batchinf.store import JobStore
+
+log = logging.getLogger("batchinf.dispatcher")
+
+MAX_ATTEMPTS = 3
+CANCEL_GRACE_S = 30.0
+_ENDED = {"SUCCEEDED", "FAILED", "STOPPED"}
+
+
+def jobs_client(address: str) -> Any:
+    """A Ray Jobs API client for ``address`` (``http://head:8265``), errors translated."""
+    if os.path.exists(os.path.expanduser("~/.ray/auth_token")) or os.environ.get("RAY_AUTH_TOKEN"):
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60 clusters require the token
+    from ray.job_submission import JobSubmissionClient
+    try:
+        return JobSubmissionClient(address)
+    except Exception as exc:
+        raise BatchinfError(f"cannot reach the Ray Jobs API at {address}: {exc}") from exc
+
+
+def _requeue_if(job: Job, ray_job_id: str) -> Job:
+    """Back to QUEUED if it is still this attempt's RUNNING job; otherwise unchanged.
+
+    The attempt never started, so it does not count against ``MAX_ATTEMPTS``.
+    """
+    if job.state is JobState.RUNNING and job.ray_job_id == ray_job_id:
+        requeued = transition(job, JobState.QUEUED)
+        requeued.attempt = max(0, job.attempt - 1)
+        return requeued
+    return job
+
+
+@dataclass
+class Dispatcher:
+    """One store, one Ray cluster: launch, watch and requeue jobs."""
+
+    store: JobStore
+    address: str
+    max_running: int = 2
+    python: str = sys.executable
+    owner: str = f"{socket.gethostname()}:{os.getpid()}"
+
+    def __post_init__(self) -> None:
+        self.client = jobs_client(self.address)
+
+    def ray_status(self, ray_job_id: str) -> str | None:
+        """The Ray job's status name, or None if Ray does not know it."""
+        try:
+            return str(getattr(self.client.get_job_status(ray_job_id), "value", "")) or None
+        except RuntimeError as exc:
+            if "does not exist" in str(exc) or "404" in str(exc):
+                return None
+            raise
+
+    def tick(self) -> list[str]:
+        """One round: reconcile, enforce cancels, launch; the Ray job ids launched."""
+        jobs = self.store.list({JobState.QUEUED, JobState.RUNNING})
+        running = [j for j in jobs if j.state is JobState.RUNNING]
+        for job in running:
+            self._reconcile(job)
+        running = [j for j in self.store.list({JobState.RUNNING})]
+        queued = sorted(
+            (j for j in self.store.list({JobState.QUEUED})),
+            key=lambda j: (-j.spec.priority, j.created_at),
+        )
+        launched = []
+        for job in queued[: max(0, self.max_running - len(running))]:
+            ray_job_id = self._launch(job)
+            if ray_job_id:
+                launched.append(ray_job_id)
+        return launched
+
+    def _reconcile(self, job: Job) -> None:
+        if not job.ray_job_id or job.ray_job_id.startswith("local-"):
+            return  # run in-process by `submit --wait`; `resume` handles those
+        status = self.ray_status(job.ray_job_id)
+        if status is not None and status not in _ENDED:
+            if job.cancel_requested and time.time() - job.updated_at > CANCEL_GRACE_S:
+                self.client.stop_job(job.ray_job_id)
+            return
+        stale_id = job.ray_job_id
+
+        def requeue(current: Job) -> Job:
+            if current.state is not JobState.RUNNING or current.ray_job_id != stale_id:
+                return current
+            if current.cancel_requested:
+                return transition(current, JobState.CANCELLED)
+            if current.attempt >= MAX_ATTEMPTS:
+                return fail(current, "Crashed", f"its driver died {current.attempt} times")
+            return transition(current, JobState.QUEUED)
+
+        after = self.store.update(job.job_id, requeue)
+        log.warning("job %s: Ray job %s is %s; now %s", job.job_id, stale_id, status, after.state)
+
+    def _launch(self, job: Job) -> str | None:
+        ray_job_id = f"{job.job_id}-a{job.attempt + 1}"
+        claimed = self.store.claim(job.job_id, ray_job_id)
+        if claimed is None:
+            return None  # another dispatcher or a cancel got there first
+
+        def with_address(current: Job) -> Job:
+            current.ray_address = self.address
+            return current
+
+        self.store.update(job.job_id, with_address)
+        entrypoint = shlex.join(
+            [self.python, "-m", "batchinf.cli", "run", job.job_id, "--run-id", ray_job_id,
+             "--store", self.store.root]
+        )
+        try:
+            self.client.submit_job(
+                entrypoint=entrypoint,
+                submission_id=ray_job_id,
+                metadata={"batchinf_job_id": job.job_id, "attempt": str(claimed.attempt)},
+            )
+        except Exception as exc:  # the cluster refused: put the job back for the next round
+            log.warning("job %s: submit failed (%s); requeued", job.job_id, exc)
+            self.store.update(job.job_id, lambda j: _requeue_if(j, ray_job_id))
+            return None
+        log.info("job %s: launched as Ray job %s", job.job_id, ray_job_id)
+        return ray_job_id
+
+    def serve(self, poll_s: float = 2.0, idle_exit_s: float | None = None) -> None:
+        """Run rounds until interrupted (or idle for ``idle_exit_s``); hold the store's lease."""
+        idle_since = time.monotonic()
+        while True:
+            if not self.store.acquire_lease(self.owner, ttl_s=max(30.0, 10 * poll_s)):
+                log.info("another dispatcher holds the lease for %s; waiting", self.store.root)
+            else:
+                self.tick()
+                if self.store.list({JobState.QUEUED, JobState.RUNNING}):
+                    idle_since = time.monotonic()
+                elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                    self.store.release_lease(self.owner)
+                    return
+            time.sleep(poll_s)

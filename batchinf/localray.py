@@ -1,0 +1,62 @@
+"""A local Ray head started with ``ray start --head``: the embedded dispatcher's cluster.
+
+It is a real one-node cluster with the dashboard and its Jobs API, so jobs launched on it show
+on the dashboard's Jobs page exactly as on a deployed cluster. Its processes are found again
+by their private temp folder, so stopping it never touches another Ray instance.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+
+from batchinf.errors import BatchinfError
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass(frozen=True)
+class LocalHead:
+    jobs_address: str  # http://127.0.0.1:<dashboard port>
+    gcs_address: str  # 127.0.0.1:<port>, for ray.init(address=...)
+    temp_dir: str
+
+    def stop(self) -> None:
+        """Kill this head's processes (found by their temp folder) and remove the folder."""
+        import psutil
+
+        for process in psutil.process_iter(["cmdline"]):
+            try:
+                if any(self.temp_dir in part for part in process.info["cmdline"] or []):
+                    process.kill()
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def start_head(num_cpus: int | None = None) -> LocalHead:
+    """Start a one-node Ray cluster on free ports; returns how to reach and stop it."""
+    gcs, dashboard = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="bi-ray-", dir="/tmp")
+    ray = os.path.join(os.path.dirname(sys.executable), "ray")
+    command = [
+        ray, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
+        "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}",
+    ]
+    if num_cpus is not None:
+        command.append(f"--num-cpus={num_cpus}")
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
+    head = LocalHead(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", temp_dir)
+    if done.returncode != 0:
+        head.stop()
+        raise BatchinfError(f"ray start failed: {done.stderr.strip().splitlines()[-1:]}")
+    return head

@@ -1,0 +1,30 @@
+"""How far a running job is: the value the pipeline hands its progress callback."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Progress:
+    """How far a job is; handed to the progress callback after every batch."""
+
+    rows_total: int
+    rows_done: int = 0
+    rows_failed: int = 0
+    rows_this_run: int = 0
+    started: float = field(default_factory=time.monotonic)
+
+    @property
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    @property
+    def images_per_s(self) -> float:
+        return self.rows_this_run / self.elapsed if self.elapsed > 0 else 0.0
+
+    @property
+    def eta_s(self) -> float | None:
+        rate = self.images_per_s
+        return (self.rows_total - self.rows_done) / rate if rate > 0 else None

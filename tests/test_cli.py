@@ -1,0 +1,190 @@
+"""The ``batchinf`` command as users and cron run it: the installed console script, in a subprocess.
+
+Only two tests start a Ray instance of their own (``submit --wait``); the demo runs in-process on
+the session's Ray instance. ``RAY_ADDRESS=local`` keeps every subprocess on its own embedded Ray,
+whatever ``ray start`` cluster another test may have left behind on this machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+import pandas
+import pyarrow.parquet as pq
+import pytest
+
+from batchinf.demo import run_demo
+from batchinf.job import JobState
+from batchinf.store import JobStore
+
+BATCHINF = str(Path(sys.executable).with_name("batchinf"))  # the console script of this venv
+
+
+def run_cli(
+    *args: str, env: dict[str, str], timeout: float = 600
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [BATCHINF, *args], capture_output=True, text=True, env=env, timeout=timeout
+    )
+
+
+def cli_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "BATCHINF_STORE": str(tmp_path / "store"),
+        "RAY_ADDRESS": "local",
+        **extra,
+    }
+
+
+def only_line(stderr: str) -> str:
+    """The one line a failed command may print; fails if there are more (or none)."""
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("batchinf: "), stderr
+    return lines[0]
+
+
+LOADED = "sorted(m for m in ('tensorflow', 'ray', 'pyarrow', 'boto3') if m in sys.modules)"
+
+
+def test_help_lists_the_commands(tmp_path):
+    result = run_cli("--help", env=cli_env(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "submit" in result.stdout and "demo" in result.stdout
+
+
+def test_importing_the_cli_loads_no_heavy_library():
+    code = f"import sys, batchinf.cli; print({LOADED})"
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_an_asynchronous_submit_queues_the_job_without_tensorflow_or_ray(
+    image_model, colour_images, tmp_path
+):
+    probe = (
+        "import sys\nfrom batchinf.cli import main\nsys.argv[0] = 'batchinf'\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n    assert not exc.code, exc.code\n"
+        "print(sorted(m for m in ('tensorflow', 'ray') if m in sys.modules), file=sys.stderr)"
+    )
+    args = [colour_images[0], "--model", image_model, "--output", str(tmp_path / "out"), "--json"]
+    result = subprocess.run(
+        [sys.executable, "-c", probe, "submit", *args],
+        capture_output=True,
+        text=True,
+        env=cli_env(tmp_path),
+        check=True,
+    )
+    assert json.loads(result.stdout)["state"] == "QUEUED"
+    assert result.stderr.splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize(
+    ("args", "names"),
+    [
+        (["--replicas", "3:1"], "--replicas"),
+        (["--top-k", "zero"], "--top-k"),
+        (["--top-k", "0"], "--top-k"),
+        (["--no-such-option"], "--no-such-option"),
+    ],
+)
+def test_a_bad_option_is_one_line_and_exit_2(args, names, tmp_path):
+    result = run_cli(
+        "submit", "m.csv", "--model", "x", "--output", "y", *args, env=cli_env(tmp_path)
+    )
+    assert result.returncode == 2
+    assert names in only_line(result.stderr)
+
+
+@pytest.mark.parametrize(
+    ("args", "names"), [(["submit"], "manifest"), (["no-such-command"], "no-such-command")]
+)
+def test_a_missing_argument_or_unknown_command_is_one_line_and_exit_2(args, names, tmp_path):
+    result = run_cli(*args, env=cli_env(tmp_path))
+    assert result.returncode == 2
+    assert names in only_line(result.stderr)
+
+
+def test_batchinf_alone_shows_the_help_not_a_traceback(tmp_path):
+    result = run_cli(env=cli_env(tmp_path))
+    assert result.returncode == 2
+    assert "Usage: batchinf" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_missing_manifest_is_one_line_and_exit_1(image_model, tmp_path):
+    missing = str(tmp_path / "missing.csv")
+    result = run_cli(
+        "submit",
+        missing,
+        "--model",
+        image_model,
+        "--output",
+        str(tmp_path / "out"),
+        "--wait",
+        env=cli_env(tmp_path),
+    )
+    assert result.returncode == 1
+    assert missing in only_line(result.stderr)
+
+
+def test_submit_wait_json_writes_parquet_that_pandas_pyarrow_and_duckdb_read(
+    image_model, colour_images, tmp_path
+):
+    output = str(tmp_path / "out")
+    result = run_cli(
+        "submit",
+        colour_images[0],
+        "--model",
+        image_model,
+        "--output",
+        output,
+        "--top-k",
+        "2",
+        "--batch-size",
+        "4",
+        "--wait",
+        "--json",
+        env=cli_env(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    job = json.loads(result.stdout)
+    assert job["state"] == "SUCCEEDED" and job["summary"]["rows_ok"] == 12
+    assert len(pandas.read_parquet(output)) == 12
+    assert pq.read_table(output).num_rows == 12
+    assert duckdb.sql(f"select count(*) from read_parquet('{output}/*.parquet')").fetchone() == (
+        12,
+    )
+
+
+def test_submit_wait_off_a_terminal_logs_plain_progress_lines(image_model, colour_images, tmp_path):
+    result = run_cli(
+        "submit",
+        colour_images[0],
+        "--model",
+        image_model,
+        "--output",
+        str(tmp_path / "out"),
+        "--wait",
+        env=cli_env(tmp_path),
+    )
+    assert result.returncode == 0, result.stderr
+    progress = [line for line in result.stderr.splitlines() if "rows (" in line]
+    assert progress and "images/s" in progress[-1] and " 12/12 rows (100%)" in progress[-1]
+    assert "\r" not in result.stderr  # log lines, not a redrawn bar
+    assert result.stdout.splitlines()[0].endswith(": SUCCEEDED")
+
+
+def test_the_demo_classifies_held_out_digits(ray_local, tmp_path, monkeypatch):
+    monkeypatch.setenv("BATCHINF_STORE", str(tmp_path / "store"))
+    report = run_demo(str(tmp_path / "demo"), quiet=True)
+    assert report["state"] == "SUCCEEDED"
+    assert report["rows"] == 360 and report["errors"] == 0
+    assert report["accuracy"] >= 0.9
+    assert JobStore.from_uri(None).get(report["job_id"]).state is JobState.SUCCEEDED
