@@ -52,6 +52,14 @@ def start_head(num_cpus: int | None = None) -> LocalHead:
         ray, "start", "--head", f"--port={gcs}", f"--dashboard-port={dashboard}",
         "--include-dashboard=true", "--disable-usage-stats", f"--temp-dir={temp_dir}",
     ]
+    # Every port free, not Ray's defaults: a second Ray on this machine (a developer's, a
+    # test's) would otherwise hold the agent port, and the Jobs API would find no agent.
+    for option in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port",
+        "object-manager-port",
+    ):
+        command.append(f"--{option}={free_port()}")
     if num_cpus is not None:
         command.append(f"--num-cpus={num_cpus}")
     done = subprocess.run(command, capture_output=True, text=True, timeout=180)
@@ -59,4 +67,24 @@ def start_head(num_cpus: int | None = None) -> LocalHead:
     if done.returncode != 0:
         head.stop()
         raise BatchinfError(f"ray start failed: {done.stderr.strip().splitlines()[-1:]}")
+    _wait_for_jobs_api(head)
     return head
+
+
+def _wait_for_jobs_api(head: LocalHead, timeout_s: float = 90.0) -> None:
+    """The Jobs API answers before its node agent takes jobs: wait until a no-op job runs."""
+    import time
+
+    from batchinf.dispatcher import jobs_client
+
+    client = jobs_client(head.jobs_address)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            client.submit_job(entrypoint="true", submission_id=f"batchinf-warmup-{free_port()}")
+            return
+        except RuntimeError as exc:
+            if time.monotonic() > deadline:
+                head.stop()
+                raise BatchinfError(f"the local Ray head never took jobs: {exc}") from exc
+            time.sleep(0.5)

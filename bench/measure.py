@@ -24,7 +24,7 @@ from typing import Any
 import psutil
 
 MB = 1024 * 1024
-IDLE_CORES = 0.35  # an idle local Ray (raylet, GCS, dashboard, agents) alone uses ~0.15
+IDLE_CORES = 0.35  # an idle local Ray (raylet, GCS, dashboard, agents) uses 0.1-0.25
 
 
 @dataclass
@@ -58,7 +58,7 @@ class TreeSampler(threading.Thread):
         self.cpu: dict[tuple[int, float], float] = {}
         self.peak_rss = 0
         self.peak_pss: int | None = None
-        self.history: deque[tuple[float, float]] = deque(maxlen=4096)
+        self.history: deque[tuple[float, float]] = deque()  # (monotonic s, CPU s)
         self._stop_event = threading.Event()
 
     def run(self) -> None:
@@ -99,16 +99,25 @@ class TreeSampler(threading.Thread):
     def cpu_seconds(self) -> float:
         return sum(self.cpu.values())
 
-    def idle_for(self, window: float, max_cores: float) -> bool:
-        """True when the tree used under ``max_cores`` on average over the last ``window`` s."""
-        if not self.history or window <= 0:
+    def idle_for(self, window: float, max_cores: float, slice_s: float = 10.0) -> bool:
+        """True when every ``slice_s`` slice of the last ``window`` s stayed under ``max_cores``.
+
+        Slices, not one average, so that a busy start (imports, model load) followed by a
+        deadlock is caught ``window`` s after the last busy slice, and a pipeline that works in
+        bursts is never mistaken for a hung one.
+        """
+        if window <= 0 or not self.history or self.history[-1][0] - self.history[0][0] < window:
             return False
-        now, cpu_now = self.history[-1]
-        old = [(t, c) for t, c in self.history if now - t >= window]
-        if not old:
-            return False
-        t_then, cpu_then = old[-1]
-        return (cpu_now - cpu_then) / (now - t_then) < max_cores
+        now = self.history[-1][0]
+        last: tuple[float, float] | None = None
+        for t, cpu in self.history:
+            if now - t > window:
+                continue
+            if last is None or t - last[0] >= slice_s:
+                if last is not None and (cpu - last[1]) / (t - last[0]) >= max_cores:
+                    return False
+                last = (t, cpu)
+        return True
 
     def alive(self) -> list[psutil.Process]:
         return [p for p in self.seen.values() if p.is_running()]  # is_running checks create_time

@@ -52,11 +52,21 @@ def bucket(s3_endpoint: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_local(s3_endpoint: str) -> Iterator[Any]:
-    """One local Ray instance for the whole session (ray.init costs seconds)."""
+def ray_head(s3_endpoint: str) -> Iterator[Any]:
+    """A real one-node Ray cluster (``ray start --head`` on free ports) for the session."""
+    from batchinf.localray import start_head
+
+    head = start_head(num_cpus=2)
+    yield head
+    head.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_local(ray_head: Any) -> Iterator[Any]:
+    """This test process connected to the session's Ray cluster (ray.init costs seconds)."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address=ray_head.gcs_address, log_to_driver=False)
     yield ray
     ray.shutdown()
 
