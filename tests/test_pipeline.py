@@ -88,7 +88,8 @@ def test_manifest_model_images_and_output_on_s3(ray_local, image_model, bucket, 
     storage.upload_folder(image_model, f"s3://{bucket}/models/colour")
     rows = [[f"s3://{bucket}/data/img/0.png"], ["img/1.png"], [f"s3://{bucket}/data/img/2.png"]]
     local_manifest = write_manifest(tmp_path / "m.csv", ["uri"], rows)
-    storage.write_bytes(f"s3://{bucket}/data/m.csv", open(local_manifest, "rb").read())
+    with open(local_manifest, "rb") as f:
+        storage.write_bytes(f"s3://{bucket}/data/m.csv", f.read())
     output = f"s3://{bucket}/results/run1"
     spec = JobSpec(f"s3://{bucket}/data/m.csv", f"s3://{bucket}/models/colour", output, top_k=2)
     run_job("job-s3", spec)
