@@ -116,6 +116,12 @@ def submit(
         idempotency_key=idempotency_key,
     )
     spec.validate()
+    from batchinf.manifest import read_columns
+    from batchinf.model import resolve_model
+
+    read_columns(spec.manifest)  # a cron typo fails now, in one line, not in a queued job
+    resolve_model(spec.model, spec.model_version)
+    address = None if address in (None, "", "local") else address
     job_store = JobStore.from_uri(store)
     job, created = job_store.create(spec)
     said = "submitted" if created else "already submitted (same idempotency key)"
@@ -162,7 +168,7 @@ def _run_here(job_store: Any, job_id: str, as_json: bool) -> None:
     from batchinf.pipeline import ensure_ray
     from batchinf.worker import execute
 
-    ensure_ray()
+    ensure_ray("local")
     with ProgressDisplay(job_id, quiet=as_json) as display:
         job = execute(job_store, job_id, f"local-{job_id}", display.update)
     _show_final(job, as_json)
@@ -330,6 +336,7 @@ def resume(
                          "orphaned RUNNING jobs can be resumed")
 
     job = job_store.update(job_id, requeue)
+    address = None if address in (None, "", "local") else address
     dispatched = _ensure_dispatcher(job_store, address, start=not wait)
     if not wait:
         _show({"job_id": job_id, "state": job.state.value}, as_json, f"{job_id}: {job.state.value}")
@@ -421,19 +428,28 @@ def demo(
         raise typer.Exit(EXIT_FAILED)
 
 
+def _click_errors() -> tuple[type[Exception], type[BaseException]]:
+    """Typer 0.29 vendors click; older ones use the click package. Both raise these two."""
+    try:
+        from typer._click.exceptions import ClickException
+    except ImportError:  # pragma: no cover - depends on the installed typer
+        from click.exceptions import ClickException
+    return ClickException, typer.Abort
+
+
 def main() -> None:
     """Console entry point: one clear line and a non-zero exit for any error we expect."""
-    import click
-
+    click_error, abort = _click_errors()
     try:
         code = app(standalone_mode=False)
-    except click.exceptions.UsageError as exc:
-        typer.echo(f"batchinf: {exc.format_message()}", err=True)
+    except click_error as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError" and getattr(exc, "ctx", None) is not None:
+            typer.echo(exc.ctx.get_help(), err=True)  # type: ignore[attr-defined]
+            sys.exit(EXIT_USAGE)
+        message = exc.format_message().replace("\n", " ")  # type: ignore[attr-defined]
+        typer.echo(f"batchinf: {message}", err=True)
         sys.exit(EXIT_USAGE)
-    except click.exceptions.Abort:
-        typer.echo("batchinf: interrupted", err=True)
-        sys.exit(130)
-    except KeyboardInterrupt:
+    except (abort, KeyboardInterrupt):
         typer.echo("batchinf: interrupted", err=True)
         sys.exit(130)
     except BatchinfError as exc:

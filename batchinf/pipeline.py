@@ -241,7 +241,7 @@ def ensure_ray(address: str | None = None, *, dashboard: bool = False) -> str | 
             include_dashboard=True if dashboard else None,
         )
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise BatchinfError(f"cannot reach the Ray cluster at {address}: {exc}") from exc
+        raise BatchinfError(f"cannot start or reach Ray ({address or 'RAY_ADDRESS'}): {exc}") from exc
     url = getattr(context, "dashboard_url", None)
     return f"http://{url}" if url and "://" not in url else url
 
