@@ -67,7 +67,15 @@ def _output_rows(output: str) -> list[str]:
     return pq.read_table(output, columns=["n"]).column("n").to_pylist()
 
 
+def _queueable(tmp_path) -> None:
+    """A manifest and a model folder that pass submit's up-front checks."""
+    (tmp_path / "m.csv").write_text("uri\na.png\n")
+    (tmp_path / "m" / "1").mkdir(parents=True)
+    (tmp_path / "m" / "1" / "saved_model.pb").write_bytes(b"")
+
+
 def test_async_submit_returns_an_id_at_once_without_heavy_imports(tmp_path):
+    _queueable(tmp_path)
     env = dict(os.environ, BATCHINF_STORE=str(tmp_path / "store"), RAY_ADDRESS="http://127.0.0.1:9")
     code = (
         "import sys, runpy; sys.argv = ['batchinf', 'submit', 'm.csv', '--model', 'm', '--output', 'o',"
@@ -83,11 +91,12 @@ def test_async_submit_returns_an_id_at_once_without_heavy_imports(tmp_path):
 
 
 def test_idempotency_key_returns_the_first_job(tmp_path):
+    _queueable(tmp_path)
     env = dict(os.environ, BATCHINF_STORE=str(tmp_path / "store"), RAY_ADDRESS="http://127.0.0.1:9")
     argv = [sys.executable, "-m", "batchinf.cli", "submit", "m.csv", "--model", "m", "--output", "o",
             "--idempotency-key", "nightly-2026-11-21", "--json"]
-    first = json.loads(subprocess.run(argv, env=env, capture_output=True, text=True).stdout)
-    second = json.loads(subprocess.run(argv, env=env, capture_output=True, text=True).stdout)
+    first = json.loads(subprocess.run(argv, env=env, capture_output=True, text=True, cwd=tmp_path).stdout)
+    second = json.loads(subprocess.run(argv, env=env, capture_output=True, text=True, cwd=tmp_path).stdout)
     assert first["job_id"] == second["job_id"] and (first["created"], second["created"]) == (True, False)
 
 
