@@ -240,17 +240,24 @@ def exists(uri: str) -> bool:
     return os.path.exists(local_path(uri))
 
 
+def _s3_children(folder: str) -> tuple[list[str], list[str]]:
+    """(object names, sub-folder names) directly under an S3 prefix, each sorted."""
+    bucket, key = split_s3(folder)
+    prefix = key.rstrip("/") + "/" if key else ""
+    names: list[str] = []
+    folders: list[str] = []
+    with _s3_errors(folder):
+        pages = s3_client().get_paginator("list_objects_v2")
+        for page in pages.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
+            names.extend(obj["Key"][len(prefix) :] for obj in page.get("Contents", []))
+            folders.extend(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
+    return sorted(names), sorted(folders)
+
+
 def list_names(folder: str) -> list[str]:
     """Names of the objects directly under a folder or S3 prefix, sorted."""
     if is_s3(folder):
-        bucket, key = split_s3(folder)
-        prefix = key.rstrip("/") + "/" if key else ""
-        names: list[str] = []
-        with _s3_errors(folder):
-            pages = s3_client().get_paginator("list_objects_v2")
-            for page in pages.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-                names.extend(obj["Key"][len(prefix) :] for obj in page.get("Contents", []))
-        return sorted(names)
+        return _s3_children(folder)[0]
     path = local_path(folder)
     if not os.path.isdir(path):
         return []
@@ -270,14 +277,7 @@ def delete(uri: str) -> None:
 def list_folders(folder: str) -> list[str]:
     """Names of the sub-folders (S3: common prefixes) directly under a folder, sorted."""
     if is_s3(folder):
-        bucket, key = split_s3(folder)
-        prefix = key.rstrip("/") + "/" if key else ""
-        names: list[str] = []
-        with _s3_errors(folder):
-            pages = s3_client().get_paginator("list_objects_v2")
-            for page in pages.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
-                names.extend(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
-        return sorted(names)
+        return _s3_children(folder)[1]
     path = local_path(folder)
     if not os.path.isdir(path):
         return []
