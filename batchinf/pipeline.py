@@ -68,6 +68,8 @@ class JobRunner:
         self._in_flight: dict[Any, tuple[_ShardWork, int, Any]] = {}
         self._open: list[_ShardWork] = []
         self._parts = 0
+        self._first_part_s: float | None = None
+        self._began = time.monotonic()
 
     def run(self) -> JobResult:
         import ray
@@ -88,6 +90,7 @@ class JobRunner:
         try:
             info = pool.start()
             _check_labels(source, info.num_classes)
+            progress.begin_processing()
             decode = ray.remote(decode_batch).options(num_cpus=resources.decode_cpus, max_retries=3)
             cancelled = self._stream(decode, pool, info.input, committed, progress)
         finally:
@@ -168,6 +171,8 @@ class JobRunner:
         sink.write_part(self.spec.output, work.shard.index, table)
         self._open.remove(work)
         self._parts += 1
+        if self._first_part_s is None:
+            self._first_part_s = round(time.monotonic() - self._began, 3)
 
     def _check_budget(self, progress: Progress) -> None:
         if progress.rows_failed > self._budget:
@@ -204,6 +209,8 @@ class JobRunner:
             "errors_by_kind": dict(sorted(self._errors_by_kind.items())),
             "rows_this_run": progress.rows_this_run,
             "seconds": round(progress.elapsed, 3),
+            "startup_seconds": round(progress.startup_s, 3),
+            "first_part_seconds": self._first_part_s,
             "images_per_s": round(progress.images_per_s, 2),
             "parts_written_this_run": self._parts,
             "top_k": self.spec.top_k,

@@ -15,6 +15,13 @@ class Progress:
     rows_failed: int = 0
     rows_this_run: int = 0
     started: float = field(default_factory=time.monotonic)
+    startup_s: float = 0.0  # replica start and model load, before the first batch was sent
+
+    def begin_processing(self) -> None:
+        """The replicas hold the model: from now on the clock measures images, not start-up."""
+        now = time.monotonic()
+        self.startup_s = now - self.started
+        self.started = now
 
     @property
     def elapsed(self) -> float:

@@ -84,6 +84,40 @@ def _bare(ctx: BenchContext, out: Path) -> list[str]:
     return [*_baseline("bare")(ctx, out), "--images", str(ctx.images)]
 
 
+BUCKET = "bench"
+
+
+def _batchinf(name: str, *options: str, s3: bool = False) -> ArgvBuilder:
+    """``batchinf submit --wait`` on the local files, or on the same files through S3."""
+
+    def build(ctx: BenchContext, out: Path) -> list[str]:
+        manifest, model, output = ctx.manifest, ctx.model, str(out)
+        if s3:
+            manifest = f"s3://{BUCKET}/images/manifest.csv"
+            model = f"s3://{BUCKET}/models/{ctx.model_name}"
+            output = f"s3://{BUCKET}/out/{out.name}"
+        return [
+            ctx.python, "-m", "bench.baselines", "batchinf", "--manifest", manifest,
+            "--model", model, "--out", output, "--store", str(out) + "-store",
+            "--name", name, "--submit", " ".join(options),
+        ]
+
+    return build
+
+
+@contextlib.contextmanager
+def moto_bucket(ctx: BenchContext) -> Iterator[dict[str, str]]:
+    """An S3 API on 127.0.0.1 (moto's server, its own process) holding the images and model.
+
+    The server's CPU is not counted in a pipeline's CPU column, but it runs on the same cores,
+    so it slows the pipeline as a co-located MinIO would.
+    """
+    from bench.s3 import serve_bucket
+
+    with serve_bucket(BUCKET, ctx.manifest, ctx.model, f"models/{ctx.model_name}") as env:
+        yield env
+
+
 PIPELINES: dict[str, Pipeline] = {
     p.name: p
     for p in [
@@ -103,8 +137,17 @@ PIPELINES: dict[str, Pipeline] = {
             "plain Ray Data: read_csv -> decode -> pool of 2 one-CPU predictor actors",
             _baseline("raydata", "--actors", "2"),
         ),
-        # batchinf entries go here, e.g. Pipeline("batchinf-local", ..., _batchinf_argv) and
-        # Pipeline("batchinf-s3", ..., _batchinf_s3_argv, setup=moto_bucket_with_images).
+        Pipeline(
+            "batchinf-local",
+            "batchinf submit --wait, embedded local Ray, images and model on local disk",
+            _batchinf("batchinf-local"),
+        ),
+        Pipeline(
+            "batchinf-s3",
+            "batchinf submit --wait, manifest, images, model and output on S3 (moto, 127.0.0.1)",
+            _batchinf("batchinf-s3", s3=True),
+            setup=moto_bucket,
+        ),
     ]
 }
 
