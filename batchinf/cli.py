@@ -80,6 +80,10 @@ def submit(
     replicas: Annotated[str, typer.Option(help="Model replicas: N or MIN:MAX.")] = "1",
     gpus_per_replica: Annotated[float, typer.Option(help="GPUs each replica reserves.")] = 0.0,
     cpus_per_replica: Annotated[float, typer.Option(help="CPUs each replica reserves.")] = 1.0,
+    decode_cpus: Annotated[
+        float | None,
+        typer.Option(help="CPUs kept decoding for the job [default: 1, or 4 per GPU].")
+    ] = None,
     model_version: Annotated[int | None, typer.Option(help="Model version [default: highest].")] = None,
     shard_size: Annotated[int, typer.Option(help="Rows per committed Parquet part.")] = 1024,
     max_error_rate: Annotated[
@@ -109,6 +113,7 @@ def submit(
         replicas_max=high,
         gpus_per_replica=gpus_per_replica,
         cpus_per_replica=cpus_per_replica,
+        decode_cpus=decode_cpus,
         model_version=model_version,
         max_error_rate=max_error_rate,
         shard_size=shard_size,

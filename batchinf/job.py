@@ -71,6 +71,7 @@ class JobSpec:
     replicas_max: int = 1
     gpus_per_replica: float = 0.0
     cpus_per_replica: float = 1.0
+    decode_cpus: float | None = None  # None: 1 beside CPU replicas, 4 per GPU (pool.py)
     model_version: int | None = None
     max_error_rate: float = 1.0  # 1.0: row errors never fail the job
     shard_size: int = 1024
@@ -91,6 +92,8 @@ class JobSpec:
             raise UsageError(f"--max-error-rate must be within 0..1, got {self.max_error_rate}")
         if self.shard_size < 1:
             raise UsageError(f"--shard-size must be at least 1, got {self.shard_size}")
+        if self.decode_cpus is not None and self.decode_cpus <= 0:
+            raise UsageError(f"--decode-cpus must be above 0, got {self.decode_cpus}")
         if self.gpus_per_replica < 0 or self.cpus_per_replica < 0:
             raise UsageError("--gpus-per-replica and --cpus-per-replica cannot be negative")
         if self.model_version is not None and self.model_version < 0:

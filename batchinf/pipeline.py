@@ -29,7 +29,7 @@ from batchinf.decode import InputSpec, decode_batch
 from batchinf.errors import BatchinfError, JobFailed, ModelError, UsageError
 from batchinf.job import JobSpec
 from batchinf.model import ModelSource, resolve_model
-from batchinf.pool import PredictorPool, plan_resources
+from batchinf.pool import PredictorPool, Resources, plan_resources
 from batchinf.predictor import PredictedBatch
 from batchinf.progress import Progress
 
@@ -69,6 +69,7 @@ class JobRunner:
         self._open: list[_ShardWork] = []
         self._parts = 0
         self._first_part_s: float | None = None
+        self._busy: list[float] = []
         self._began = time.monotonic()
 
     def run(self) -> JobResult:
@@ -92,10 +93,12 @@ class JobRunner:
             _check_labels(source, info.num_classes)
             progress.begin_processing()
             decode = ray.remote(decode_batch).options(num_cpus=resources.decode_cpus, max_retries=3)
+            self._fetch_threads = resources.fetch_threads
             cancelled = self._stream(decode, pool, info.input, committed, progress)
+            self._busy = pool.busy_seconds()
         finally:
             pool.stop()
-        summary = self._summary(source, columns, progress, resources.max_in_flight)
+        summary = self._summary(source, columns, progress, resources)
         if cancelled:
             return JobResult(summary, cancelled=True)
         self._check_budget(progress)
@@ -123,7 +126,7 @@ class JobRunner:
                     if self._collect(pool, progress):
                         return True
                 actor = pool.pick()
-                decoded = decode.remote(uris[start : start + size], spec)
+                decoded = decode.remote(uris[start : start + size], spec, self._fetch_threads)
                 self._in_flight[actor.predict.remote(decoded)] = (work, number, actor)
                 pool.sent(actor)
         while self._in_flight:
@@ -190,7 +193,7 @@ class JobRunner:
                 progress.rows_failed += count
 
     def _summary(
-        self, source: ModelSource, columns: tuple[str, ...], progress: Progress, in_flight: int
+        self, source: ModelSource, columns: tuple[str, ...], progress: Progress, plan: Resources
     ) -> dict[str, Any]:
         return {
             "job_id": self.job_id,
@@ -211,12 +214,13 @@ class JobRunner:
             "seconds": round(progress.elapsed, 3),
             "startup_seconds": round(progress.startup_s, 3),
             "first_part_seconds": self._first_part_s,
+            "model_busy": _busy_share(self._busy, progress.elapsed),
             "images_per_s": round(progress.images_per_s, 2),
             "parts_written_this_run": self._parts,
             "top_k": self.spec.top_k,
             "batch_size": self.spec.batch_size,
             "shard_size": self.spec.shard_size,
-            "max_in_flight_batches": in_flight,
+            "resources": plan.to_dict(),
             "finished_at": time.time(),
         }
 
@@ -262,6 +266,13 @@ def _resolve(manifest_uri: str, uri: str) -> str:
         return storage.join(manifest_uri.rsplit("/", 1)[0], uri)
     folder = os.path.dirname(os.path.abspath(storage.local_path(manifest_uri)))
     return os.path.join(folder, uri)
+
+
+def _busy_share(busy: list[float], seconds: float) -> float | None:
+    """The share of the processing time the replicas spent inside the model (1.0: never idle)."""
+    if not busy or seconds <= 0:
+        return None
+    return round(sum(busy) / (len(busy) * seconds), 3)
 
 
 def _check_labels(source: ModelSource, num_classes: int) -> None:

@@ -8,12 +8,14 @@ TensorFlow uses in each replica is set separately (``BATCHINF_TF_THREADS``).
 
 from __future__ import annotations
 
+import math
 import os
 import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
 
+from batchinf.decode import FETCH_THREADS
 from batchinf.errors import JobFailed, ModelError
 from batchinf.job import JobSpec
 from batchinf.model import ModelSource
@@ -22,30 +24,54 @@ from batchinf.predictor import ModelInfo, Predictor
 START_TIMEOUT_S = float(os.environ.get("BATCHINF_REPLICA_START_TIMEOUT", "600"))
 
 
+DECODE_CPUS_PER_GPU = 4.0  # docs/performance.md: a GPU replica outruns one CPU of decode ~10x
+
+
 @dataclass(frozen=True)
 class Resources:
     """How much each replica and each decode task reserves, and how much work may be queued."""
 
     replica_cpus: float
     replica_gpus: float
-    decode_cpus: float
+    decode_cpus: float  # what one decode task reserves
+    decode_tasks: int  # decode tasks kept running at once
     max_in_flight: int
-    tf_threads: int | None
+    tf_threads: int | None  # TensorFlow's intra-op threads per replica (None: one per core)
+    fetch_threads: int  # concurrent fetches (and Pillow decodes) inside one decode task
+
+    def to_dict(self) -> dict[str, float | int | None]:
+        return dict(self.__dict__)
 
 
 def plan_resources(cluster: dict[str, float], spec: JobSpec) -> Resources:
-    """Fit the replicas and their decode stage on the cluster without starving either."""
+    """Fit the replicas and their decode stage on the cluster without starving either.
+
+    Decode always keeps at least one CPU (half of a one-CPU cluster) out of the replicas'
+    reservation. How much decode is wanted: ``--decode-cpus`` if given, else one CPU beside
+    CPU replicas (a CPU model is ~5x slower per image than decoding a photo), or
+    ``DECODE_CPUS_PER_GPU`` per GPU the replicas hold. Each decode task reserves one CPU and
+    runs ``BATCHINF_FETCH_THREADS`` fetches; the queue holds two batches per replica plus one
+    per decode task, so a replica finds its next batch ready and decode never runs far ahead.
+    """
     total = float(cluster.get("CPU", 1.0))
-    decode_reserve = min(1.0, total / 2)
-    fair_share = max(0.0, (total - decode_reserve) / spec.replicas_max)
-    replica_cpus = round(min(spec.cpus_per_replica, fair_share), 3)
+    floor = min(1.0, total / 2)
+    fair_share = max(0.0, (total - floor) / spec.replicas_max)
+    replica_cpus = math.floor(1000 * min(spec.cpus_per_replica, fair_share)) / 1000
+    gpus = spec.gpus_per_replica * spec.replicas_max
+    wanted = spec.decode_cpus or (DECODE_CPUS_PER_GPU * gpus if gpus else 1.0)
+    free = total - replica_cpus * spec.replicas_max
+    decode_total = max(floor, min(wanted, free))
+    decode_cpus = min(1.0, decode_total)
+    decode_tasks = max(1, int(decode_total // decode_cpus))
     threads = os.environ.get("BATCHINF_TF_THREADS")
     return Resources(
         replica_cpus=replica_cpus,
         replica_gpus=spec.gpus_per_replica,
-        decode_cpus=decode_reserve,
-        max_in_flight=3 * spec.replicas_max + 1,
+        decode_cpus=decode_cpus,
+        decode_tasks=decode_tasks,
+        max_in_flight=2 * spec.replicas_max + decode_tasks + 1,
         tf_threads=int(threads) if threads else None,
+        fetch_threads=int(os.environ.get("BATCHINF_FETCH_THREADS") or FETCH_THREADS),
     )
 
 
@@ -80,7 +106,9 @@ class PredictorPool:
                 max_restarts=2,
                 max_task_retries=2,
                 scheduling_strategy="SPREAD",
-            ).remote(self._source, self._spec.top_k, self._resources.tf_threads)
+            ).remote(
+                self._source, self._spec.top_k, self._resources.tf_threads, self._spec.batch_size
+            )
             self._actors.append(actor)
             self._starting[actor.ready.remote()] = actor
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -117,6 +145,16 @@ class PredictorPool:
 
     def done(self, actor: Any) -> None:
         self._busy[actor] -= 1
+
+    def busy_seconds(self) -> list[float]:
+        """Seconds each ready replica has spent inside the model (best effort: [] on failure)."""
+        import ray
+
+        try:
+            stats = ray.get([actor.stats.remote() for actor in self._busy], timeout=30)
+        except ray.exceptions.RayError:
+            return []
+        return [float(s["busy_s"]) for s in stats]
 
     def stop(self) -> None:
         """Free every replica (and its CPUs or GPUs) now."""

@@ -42,6 +42,7 @@ class Measurement:
     result: dict[str, Any] | None
     log: str
     argv: list[str] = field(default_factory=list)
+    driver_peak_rss_mb: float = 0.0  # the root process alone (for batchinf: the job driver)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -57,6 +58,7 @@ class TreeSampler(threading.Thread):
         self.seen: dict[tuple[int, float], psutil.Process] = {}
         self.cpu: dict[tuple[int, float], float] = {}
         self.peak_rss = 0
+        self.peak_root_rss = 0
         self.peak_pss: int | None = None
         self.history: deque[tuple[float, float]] = deque()  # (monotonic s, CPU s)
         self._stop_event = threading.Event()
@@ -85,11 +87,14 @@ class TreeSampler(threading.Thread):
                 key = (proc.pid, proc.create_time())
                 with proc.oneshot():
                     times = proc.cpu_times()
-                    rss += proc.memory_info().rss
+                    proc_rss = proc.memory_info().rss
+                    rss += proc_rss
                     pss += proc.memory_full_info().pss if with_pss else 0
             except psutil.Error:
                 continue  # exited between listing and reading
             self.seen[key] = proc
+            if proc.pid == self.root.pid:
+                self.peak_root_rss = max(self.peak_root_rss, proc_rss)
             self.cpu[key] = times.user + times.system
         self.peak_rss = max(self.peak_rss, rss)
         if with_pss and pss:
@@ -211,4 +216,5 @@ def run_measured(
         result=_last_json(out_path.read_text(errors="replace")) if status == "ok" else None,
         log=str(log_path),
         argv=argv,
+        driver_peak_rss_mb=round(sampler.peak_root_rss / MB, 1),
     )

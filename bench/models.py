@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 INPUT_SIZE = (224, 224)
+TINY_SIZE = (32, 32)
 VERSION = "1"
 
 
@@ -29,11 +30,11 @@ def _resnet50() -> Any:
     return keras.applications.ResNet50(weights=None, input_shape=(*INPUT_SIZE, 3))
 
 
-def _trivial() -> Any:
+def _trivial(size: tuple[int, int] = INPUT_SIZE) -> Any:
     """Mean of the pixels -> dense -> softmax over 10 classes: almost no compute per row."""
     import keras
 
-    inputs = keras.Input((*INPUT_SIZE, 3))
+    inputs = keras.Input((*size, 3))
     mean = keras.layers.GlobalAveragePooling2D()(inputs)
     probs = keras.layers.Dense(10, activation="softmax", kernel_initializer="glorot_uniform")(mean)
     return keras.Model(inputs, probs, name="trivial")
@@ -43,11 +44,14 @@ BUILDERS: dict[str, Callable[[], Any]] = {
     "mobilenet_v2": _mobilenet_v2,
     "resnet50": _resnet50,
     "trivial": _trivial,
+    "tiny": lambda: _trivial(TINY_SIZE),  # 32x32 input: the per-row cost of the pipeline alone
 }
 
 
 def _export(model: Any, version_dir: Path) -> None:
     import tensorflow as tf
+
+    size = tuple(model.input_shape[1:3])
 
     class Serving(tf.Module):
         def __init__(self, net: Any) -> None:
@@ -55,7 +59,7 @@ def _export(model: Any, version_dir: Path) -> None:
             self.net = net
 
         @tf.function(
-            input_signature=[tf.TensorSpec([None, *INPUT_SIZE, 3], tf.float32, name="image")]
+            input_signature=[tf.TensorSpec([None, *size, 3], tf.float32, name="image")]
         )
         def serve(self, image: tf.Tensor) -> dict[str, tf.Tensor]:
             return {"probabilities": self.net(image, training=False)}
@@ -64,8 +68,8 @@ def _export(model: Any, version_dir: Path) -> None:
     tf.saved_model.save(module, str(version_dir), signatures={"serving_default": module.serve})
 
 
-def _write_sidecars(base: Path, classes: int) -> None:
-    meta = {"input_size": list(INPUT_SIZE), "input_range": [-1, 1]}
+def _write_sidecars(base: Path, classes: int, size: tuple[int, int]) -> None:
+    meta = {"input_size": list(size), "input_range": [-1, 1]}
     (base / "model.json").write_text(json.dumps(meta) + "\n")
     (base / "labels.txt").write_text("".join(f"class_{i:04d}\n" for i in range(classes)))
 
@@ -86,7 +90,7 @@ def make_model(name: str, folder: str | os.PathLike[str], seed: int = 0) -> str:
     _export(model, tmp)
     base.mkdir(parents=True, exist_ok=True)
     os.replace(tmp, version_dir)  # appears whole or not at all, so the cache check stays valid
-    _write_sidecars(base, int(model.output_shape[-1]))
+    _write_sidecars(base, int(model.output_shape[-1]), tuple(model.input_shape[1:3]))
     return str(base)
 
 
