@@ -93,7 +93,7 @@ class JobRunner:
             _check_labels(source, info.num_classes)
             progress.begin_processing()
             decode = ray.remote(decode_batch).options(num_cpus=resources.decode_cpus, max_retries=3)
-            self._fetch_threads = resources.fetch_threads
+            self._plan = resources
             cancelled = self._stream(decode, pool, info.input, committed, progress)
             self._busy = pool.busy_seconds()
         finally:
@@ -126,7 +126,9 @@ class JobRunner:
                     if self._collect(pool, progress):
                         return True
                 actor = pool.pick()
-                decoded = decode.remote(uris[start : start + size], spec, self._fetch_threads)
+                decoded = decode.remote(
+                    uris[start : start + size], spec, self._plan.fetch_threads, self._plan.decode_nice
+                )
                 self._in_flight[actor.predict.remote(decoded)] = (work, number, actor)
                 pool.sent(actor)
         while self._in_flight:

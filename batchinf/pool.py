@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from batchinf.decode import FETCH_THREADS
+from batchinf.decode import DECODE_NICE, FETCH_THREADS
 from batchinf.errors import JobFailed, ModelError
 from batchinf.job import JobSpec
 from batchinf.model import ModelSource
@@ -38,6 +38,7 @@ class Resources:
     max_in_flight: int
     tf_threads: int | None  # TensorFlow's intra-op threads per replica (None: one per core)
     fetch_threads: int  # concurrent fetches (and Pillow decodes) inside one decode task
+    decode_nice: int  # niceness of the decode threads (0: same priority as the model)
 
     def to_dict(self) -> dict[str, float | int | None]:
         return dict(self.__dict__)
@@ -72,6 +73,7 @@ def plan_resources(cluster: dict[str, float], spec: JobSpec) -> Resources:
         max_in_flight=2 * spec.replicas_max + decode_tasks + 1,
         tf_threads=int(threads) if threads else None,
         fetch_threads=int(os.environ.get("BATCHINF_FETCH_THREADS") or FETCH_THREADS),
+        decode_nice=int(os.environ.get("BATCHINF_DECODE_NICE") or DECODE_NICE),
     )
 
 

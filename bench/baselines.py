@@ -220,6 +220,7 @@ def run_batchinf(args: argparse.Namespace) -> None:
         rows_failed=summary["rows_failed"],
         startup_seconds=summary["startup_seconds"],
         first_part_seconds=summary["first_part_seconds"],
+        model_busy=summary.get("model_busy"),
     )
 
 

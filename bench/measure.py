@@ -43,6 +43,7 @@ class Measurement:
     log: str
     argv: list[str] = field(default_factory=list)
     driver_peak_rss_mb: float = 0.0  # the root process alone (for batchinf: the job driver)
+    steal_cores: float = 0.0  # CPU the hypervisor gave to other machines meanwhile (noise)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -190,6 +191,7 @@ def run_measured(
     log_path.parent.mkdir(parents=True, exist_ok=True)
     out_path = log_path.with_suffix(".stdout")
     busy0, self0 = _busy_seconds(), _rusage_cpu(resource.RUSAGE_SELF)
+    steal0 = getattr(psutil.cpu_times(), "steal", 0.0)
     children0, t0 = _rusage_cpu(resource.RUSAGE_CHILDREN), time.monotonic()
     with log_path.open("wb") as err, out_path.open("wb") as out:
         proc = subprocess.Popen(
@@ -217,4 +219,5 @@ def run_measured(
         log=str(log_path),
         argv=argv,
         driver_peak_rss_mb=round(sampler.peak_root_rss / MB, 1),
+        steal_cores=round((getattr(psutil.cpu_times(), "steal", 0.0) - steal0) / wall, 2),
     )

@@ -21,6 +21,8 @@ COLUMNS = [
     ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
     ("peak_pss_mb", "peak PSS MB", "{:.0f}"),
     ("other_cores", "others' cores", "{:.2f}"),
+    ("steal_cores", "stolen cores", "{:.2f}"),
+    ("model_busy", "model busy", "{:.2f}"),
 ]
 
 
@@ -53,16 +55,34 @@ def summarize(name: str, runs: list[Measurement]) -> dict[str, Any]:
         "peak_rss_mb": _median([r.peak_rss_mb for r in runs]),
         "peak_pss_mb": _median([r.peak_pss_mb for r in runs]),
         "other_cores": _median([r.other_cores for r in runs]),
+        "model_busy": _median([x.get("model_busy") for x in res]),
+        "steal_cores": _median([r.steal_cores for r in runs]),
+        "driver_peak_rss_mb": _median([r.driver_peak_rss_mb for r in runs]),
         "repeats": len(runs),
     }
 
 
-def add_efficiency(rows: list[dict[str, Any]], baseline: str = "bare") -> None:
-    """``efficiency`` = images/s over the bare model's images/s (None without a bare run)."""
-    ref = next((r["images_per_s"] for r in rows if r["pipeline"] == baseline), None)
+def _rate(run: Measurement) -> float | None:
+    return (run.result or {}).get("images_per_s") if run.status == "ok" else None
+
+
+def add_efficiency(
+    rows: list[dict[str, Any]], runs: dict[str, list[Measurement]], baseline: str = "bare"
+) -> None:
+    """``efficiency``: the median over repeats of images/s / the bare model's images/s.
+
+    Repeat k of a pipeline is divided by repeat k of ``bare``, measured moments apart, so a
+    neighbour that slows the whole machine for a while cancels out of the ratio; the median of
+    those paired ratios is steadier than a ratio of medians on a shared machine.
+    """
+    ref = runs.get(baseline, [])
     for row in rows:
-        ips = row["images_per_s"]
-        row["efficiency"] = round(ips / ref, 3) if ref and ips is not None else None
+        pairs = [
+            (_rate(mine), _rate(base))
+            for mine, base in zip(runs.get(row["pipeline"], []), ref, strict=False)
+        ]
+        ratios = [a / b for a, b in pairs if a is not None and b]
+        row["efficiency"] = round(statistics.median(ratios), 3) if ratios else None
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

@@ -279,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             for pipe in pipelines:
                 runs[pipe.name].append(run_once(ctx, pipe, rep, envs[pipe.name], args))
     rows = [report.summarize(name, ms) for name, ms in runs.items()]
-    report.add_efficiency(rows)
+    report.add_efficiency(rows, runs)
     title = f"{args.model}, {args.images} images, median of {args.repeats}, {host['cpus']} CPUs"
     print(f"\n{title}\n{report.format_table(rows)}")
     out = Path(args.out)

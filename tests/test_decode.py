@@ -63,3 +63,23 @@ def test_bytes_models_get_the_encoded_file_unchanged(tmp_path):
 def test_a_batch_of_only_bad_rows_has_an_empty_pixel_array(tmp_path):
     batch = decode_batch([str(tmp_path / "nope.png")], SPEC)
     assert batch.pixels is not None and batch.pixels.shape == (0, 8, 8, 3)
+
+
+def test_decode_threads_yield_to_the_model_and_leave_the_process_alone() -> None:
+    import os
+    import threading
+
+    from batchinf.decode import _lower_priority
+
+    seen: list[int] = []
+
+    def worker() -> None:
+        _lower_priority(7)
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    before = os.getpriority(os.PRIO_PROCESS, 0)
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == [min(before + 7, 19)]
+    assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the calling thread is untouched
