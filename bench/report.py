@@ -32,11 +32,12 @@ def _median(values: list[float | None]) -> float | None:
 
 
 def _status(runs: list[Measurement]) -> str:
-    bad = sorted({r.status for r in runs if r.status != "ok"})
-    if not bad:
+    failed = [r.status for r in runs if r.status != "ok"]
+    if not failed:
         return "ok"
-    label = ",".join("timeout/hung" if s in ("timeout", "hung") else s for s in bad)
-    return label if len(bad) == len(runs) else f"{label} ({len(bad)}/{len(runs)})"
+    kinds = sorted({"timeout/hung" if s in ("timeout", "hung") else s for s in failed})
+    label = ",".join(kinds)
+    return label if len(failed) == len(runs) else f"{label} ({len(failed)}/{len(runs)})"
 
 
 def summarize(name: str, runs: list[Measurement]) -> dict[str, Any]:

@@ -143,6 +143,12 @@ PIPELINES: dict[str, Pipeline] = {
             _batchinf("batchinf-local"),
         ),
         Pipeline(
+            "batchinf-2x1",
+            "batchinf-local with 2 replicas of 1 TensorFlow thread each (two model streams)",
+            _batchinf("batchinf-2x1", "--replicas", "2"),
+            setup=lambda ctx: contextlib.nullcontext({"BATCHINF_TF_THREADS": "1"}),
+        ),
+        Pipeline(
             "batchinf-s3",
             "batchinf submit --wait, manifest, images, model and output on S3 (moto, 127.0.0.1)",
             _batchinf("batchinf-s3", s3=True),
