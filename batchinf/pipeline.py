@@ -95,7 +95,8 @@ class JobRunner:
             decode = ray.remote(decode_batch).options(num_cpus=resources.decode_cpus, max_retries=3)
             self._plan = resources
             cancelled = self._stream(decode, pool, info.input, committed, progress)
-            self._busy = pool.busy_seconds()
+            if not cancelled:  # a cancelled replica's queue may still hold batches: don't wait
+                self._busy = pool.busy_seconds()
         finally:
             pool.stop()
         summary = self._summary(source, columns, progress, resources)

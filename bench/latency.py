@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     cli = [sys.executable, "-m", "batchinf.cli"]
     work = ctx.work / "latency"
     shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
     store = work / "store"
     results: dict[str, list[float]] = {}
 
@@ -79,11 +80,12 @@ def main(argv: list[str] | None = None) -> int:
     from batchinf.localray import start_head
 
     head = start_head()
-    dispatcher = subprocess.Popen(
-        [*cli, "dispatcher", "--address", head.jobs_address, "--store", str(store)],
-        env=env, stdout=subprocess.DEVNULL, stderr=(work / "dispatcher.log").open("wb"),
-    )
+    dispatcher = None
     try:
+        dispatcher = subprocess.Popen(
+            [*cli, "dispatcher", "--address", head.jobs_address, "--store", str(store)],
+            env=env, stdout=subprocess.DEVNULL, stderr=(work / "dispatcher.log").open("wb"),
+        )
         time.sleep(3)  # the dispatcher holds the store's lease
         for rep in range(args.repeats):
             for shard in (int(s) for s in args.shard_sizes.split(",")):
@@ -105,8 +107,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"shard {shard} #{rep}: submit {seconds:.2f}s, first part "
                       f"{(first or 0) - started:.1f}s, done {(end or 0) - started:.1f}s", flush=True)
     finally:
-        dispatcher.terminate()
-        dispatcher.wait(timeout=30)
+        if dispatcher is not None:
+            dispatcher.terminate()
+            dispatcher.wait(timeout=30)
         head.stop()
     medians = {k: statistics.median(v) for k, v in results.items()}
     print(f"\n{'measure':32} {'median':>8}  runs")

@@ -89,6 +89,7 @@ def test_a_cron_submit_to_a_cluster_queues_the_job_without_tensorflow_or_ray(
         (["--replicas", "3:1"], "--replicas"),
         (["--top-k", "zero"], "--top-k"),
         (["--top-k", "0"], "--top-k"),
+        (["--decode-cpus", "0"], "--decode-cpus"),
         (["--no-such-option"], "--no-such-option"),
     ],
 )

@@ -37,7 +37,7 @@ def test_stored_keys_are_pinned_so_old_records_stay_readable() -> None:
         "updated_at",
     ]  # fmt: skip
     assert sorted(data["spec"]) == [
-        "batch_size", "cpus_per_replica", "gpus_per_replica", "idempotency_key", "manifest",
+        "batch_size", "cpus_per_replica", "decode_cpus", "gpus_per_replica", "idempotency_key", "manifest",
         "max_error_rate", "model", "model_version", "output", "priority", "replicas_max",
         "replicas_min", "shard_size", "top_k",
     ]  # fmt: skip

@@ -48,6 +48,11 @@ def test_exact_topk_and_pass_through_columns(ray_local, image_model, colour_imag
         "_SUCCESS", "_summary.json", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"
     ]
     assert result.summary["rows_ok"] == 12 and result.summary["rows_failed"] == 0
+    timing = result.summary
+    assert timing["startup_seconds"] > 0 and timing["seconds"] > 0
+    assert 0 < timing["first_part_seconds"] <= timing["startup_seconds"] + timing["seconds"] + 1
+    assert 0 < timing["model_busy"] <= 1  # 3 batches of the model over the processing time
+    assert timing["resources"]["max_in_flight"] >= 3
 
 
 def test_model_version_picks_the_asked_version(ray_local, image_model, colour_images, tmp_path):
