@@ -7,5 +7,5 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/venv.sh"
 .venv/bin/python -m pip install -e ".[test]"
 
-.venv/bin/ruff check batchinf tests
+.venv/bin/ruff check batchinf tests bench
 exec .venv/bin/python -m pytest -q "$@"
