@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -132,7 +133,7 @@ def check_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
 
 def _lower_priority(nice: int) -> None:
     """Make the calling thread (only it: Linux niceness is per thread) yield to the model's."""
-    if nice > 0 and hasattr(os, "setpriority"):
+    if nice > 0 and sys.platform.startswith("linux"):  # elsewhere the id could name a process
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
 
