@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchinf import manifest, sink, storage
-from batchinf.decode import InputSpec, decode_batch
+from batchinf.decode import decode_batch
 from batchinf.errors import BatchinfError, JobFailed, ModelError, UsageError
 from batchinf.job import JobSpec
 from batchinf.model import ModelSource, resolve_model
@@ -92,9 +92,14 @@ class JobRunner:
             info = pool.start()
             _check_labels(source, info.num_classes)
             progress.begin_processing()
-            decode = ray.remote(decode_batch).options(num_cpus=resources.decode_cpus, max_retries=3)
-            self._plan = resources
-            cancelled = self._stream(decode, pool, info.input, committed, progress)
+            task = ray.remote(decode_batch).options(num_cpus=resources.decode_cpus, max_retries=3)
+
+            def decode(uris: list[str]) -> Any:
+                return task.remote(
+                    uris, info.input, resources.fetch_threads, resources.decode_nice
+                )
+
+            cancelled = self._stream(decode, pool, committed, progress)
             if not cancelled:  # a cancelled replica's queue may still hold batches: don't wait
                 self._busy = pool.busy_seconds()
         finally:
@@ -108,9 +113,8 @@ class JobRunner:
 
     def _stream(
         self,
-        decode: Any,
+        decode: Callable[[list[str]], Any],
         pool: PredictorPool,
-        spec: InputSpec,
         committed: dict[int, str],
         progress: Progress,
     ) -> bool:
@@ -127,10 +131,7 @@ class JobRunner:
                     if self._collect(pool, progress):
                         return True
                 actor = pool.pick()
-                decoded = decode.remote(
-                    uris[start : start + size], spec, self._plan.fetch_threads, self._plan.decode_nice
-                )
-                self._in_flight[actor.predict.remote(decoded)] = (work, number, actor)
+                self._in_flight[actor.predict.remote(decode(uris[start : start + size]))] = (work, number, actor)
                 pool.sent(actor)
         while self._in_flight:
             if self._collect(pool, progress):

@@ -8,6 +8,7 @@ TensorFlow uses in each replica is set separately (``BATCHINF_TF_THREADS``).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import secrets
@@ -41,7 +42,7 @@ class Resources:
     decode_nice: int  # niceness of the decode threads (0: same priority as the model)
 
     def to_dict(self) -> dict[str, float | int | None]:
-        return dict(self.__dict__)
+        return dataclasses.asdict(self)
 
 
 def plan_resources(cluster: dict[str, float], spec: JobSpec) -> Resources:
@@ -153,10 +154,9 @@ class PredictorPool:
         import ray
 
         try:
-            stats = ray.get([actor.stats.remote() for actor in self._busy], timeout=30)
+            return ray.get([actor.busy_seconds.remote() for actor in self._busy], timeout=30)
         except ray.exceptions.RayError:
             return []
-        return [float(s["busy_s"]) for s in stats]
 
     def stop(self) -> None:
         """Free every replica (and its CPUs or GPUs) now."""

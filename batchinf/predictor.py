@@ -68,7 +68,6 @@ class Predictor:
         self._call = self._compile((high - low) / 255.0, low)
         self._warm_up(warm_up_rows)
         self.busy_s = 0.0  # time spent in the model, for the job's model_busy figure
-        self.batches = 0
 
     @property
     def _input_dtype(self) -> Any:
@@ -114,9 +113,9 @@ class Predictor:
     def describe(self) -> ModelInfo:
         return self.info
 
-    def stats(self) -> dict[str, float]:
-        """How long this replica spent inside the model, over how many batches."""
-        return {"busy_s": self.busy_s, "batches": self.batches}
+    def busy_seconds(self) -> float:
+        """How long this replica has spent inside the model."""
+        return self.busy_s
 
     def ready(self) -> bool:
         return True
@@ -133,7 +132,6 @@ class Predictor:
             # One input broke the whole call: retry row by row so only that row fails.
             scores, positions = self._run_singly(inputs, positions, errors)
         self.busy_s += time.perf_counter() - started
-        self.batches += 1
         assert scores.shape[0] == len(positions), "the model must give one output per input"
         class_ids, top = _top_k(scores, self._top_k)
         return PredictedBatch(batch.size, positions, class_ids, top, errors)

@@ -87,6 +87,17 @@ def _bare(ctx: BenchContext, out: Path) -> list[str]:
 BUCKET = "bench"
 
 
+def job_store_for(out: Path) -> Path:
+    """Where a batchinf run writing to ``out`` keeps its job store: beside it."""
+    return Path(f"{out}-store")
+
+
+def clear_run(out: Path) -> None:
+    """Remove what an earlier run left at ``out`` (and its job store, for batchinf runs)."""
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(job_store_for(out), ignore_errors=True)
+
+
 def _batchinf(name: str, *options: str, s3: bool = False) -> ArgvBuilder:
     """``batchinf submit --wait`` on the local files, or on the same files through S3."""
 
@@ -98,7 +109,7 @@ def _batchinf(name: str, *options: str, s3: bool = False) -> ArgvBuilder:
             output = f"s3://{BUCKET}/out/{out.name}"
         return [
             ctx.python, "-m", "bench.baselines", "batchinf", "--manifest", manifest,
-            "--model", model, "--out", output, "--store", str(out) + "-store",
+            "--model", model, "--out", output, "--store", str(job_store_for(out)),
             "--name", name, "--submit", " ".join(options),
         ]
 
@@ -208,7 +219,7 @@ def run_once(
     ctx: BenchContext, pipe: Pipeline, rep: int, env: dict[str, str], args: argparse.Namespace
 ) -> Measurement:
     out = ctx.work / f"{pipe.name}-r{rep}"
-    shutil.rmtree(out, ignore_errors=True)
+    clear_run(out)
     argv = pipe.argv(ctx, out)
     m = run_measured(
         argv,

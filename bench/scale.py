@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import shutil
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -24,7 +24,7 @@ from pathlib import Path
 from bench import report
 from bench.data import make_images
 from bench.measure import run_measured
-from bench.run import PROJECT_ROOT, _child_env, _make_model
+from bench.run import PROJECT_ROOT, BenchContext, _batchinf, _child_env, _make_model, clear_run
 
 DISTINCT = 512
 
@@ -78,11 +78,9 @@ def main(argv: list[str] | None = None) -> int:
         manifest = work / f"manifest-{rows}.csv"
         write_manifest(manifest, rows, images)
         job_out = work / f"out-{rows}"
-        shutil.rmtree(job_out, ignore_errors=True)
-        shutil.rmtree(str(job_out) + "-store", ignore_errors=True)
-        argv_ = [sys.executable, "-m", "bench.baselines", "batchinf", "--manifest", str(manifest),
-                 "--model", model, "--out", str(job_out), "--store", str(job_out) + "-store",
-                 "--name", f"batchinf-{rows}", "--submit", args.submit]
+        clear_run(job_out)
+        ctx = BenchContext(str(manifest), str(work), model, "tiny", rows, work)
+        argv_ = _batchinf(f"batchinf-{rows}", *shlex.split(args.submit))(ctx, job_out)
         m = run_measured(argv_, _child_env({}), work / "logs" / f"scale-{rows}.log",
                          timeout=args.timeout, idle_timeout=120.0, cwd=str(PROJECT_ROOT))
         result = m.result or {}

@@ -13,14 +13,13 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import shutil
 import sys
 import time
 from pathlib import Path
 
 from bench import report
 from bench.measure import run_measured
-from bench.run import PROJECT_ROOT, _batchinf, _child_env, prepare
+from bench.run import PROJECT_ROOT, _batchinf, _child_env, clear_run, prepare
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -49,8 +48,7 @@ def main(argv: list[str] | None = None) -> int:
         name = f"r{replicas.replace(':', '-')}-b{batch}"
         options = ["--replicas", replicas, "--batch-size", str(batch), *args.submit.split()]
         out = ctx.work / "sweep" / name
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(str(out) + "-store", ignore_errors=True)
+        clear_run(out)
         argv_ = _batchinf(name, *options)(ctx, out)
         m = run_measured(argv_, _child_env({}), ctx.work / "logs" / f"sweep-{name}.log",
                          timeout=args.timeout, idle_timeout=args.idle_timeout, cwd=str(PROJECT_ROOT))
