@@ -61,6 +61,20 @@ def parse_replicas(value: str) -> tuple[int, int]:
     return lo, hi
 
 
+def parse_resources(value: str | None) -> dict[str, float]:
+    """``KEY=VALUE[,KEY=VALUE]`` -> {key: value} (custom Ray resources per replica)."""
+    found: dict[str, float] = {}
+    for item in filter(None, (part.strip() for part in (value or "").split(","))):
+        key, sep, amount = item.partition("=")
+        try:
+            found[key.strip()] = float(amount)
+        except ValueError:
+            sep = ""
+        if not sep or not key.strip():
+            raise UsageError(f"--replica-resources takes KEY=VALUE[,KEY=VALUE], got {value!r}")
+    return found
+
+
 def _absolute(uri: str) -> str:
     """Local paths are stored absolute, so a job means the same thing from any folder."""
     import os
@@ -83,6 +97,11 @@ def submit(
     decode_cpus: Annotated[
         float | None,
         typer.Option(help="CPUs kept decoding for the job [default: 1, or 4 per GPU].")
+    ] = None,
+    replica_resources: Annotated[
+        str | None,
+        typer.Option(help="Custom Ray resources per replica, KEY=VALUE[,KEY=VALUE]: pins "
+                     "replicas to the node type that has them."),
     ] = None,
     model_version: Annotated[int | None, typer.Option(help="Model version [default: highest].")] = None,
     shard_size: Annotated[int, typer.Option(help="Rows per committed Parquet part.")] = 1024,
@@ -119,6 +138,7 @@ def submit(
         shard_size=shard_size,
         priority=priority,
         idempotency_key=idempotency_key,
+        replica_resources=parse_resources(replica_resources),
     )
     spec.validate()
     from batchinf.manifest import read_columns
@@ -168,15 +188,37 @@ def _ensure_dispatcher(job_store: Any, address: str | None, *, start: bool) -> b
 
 
 def _run_here(job_store: Any, job_id: str, as_json: bool) -> None:
-    """Embedded default: run the job in this process on a local Ray instance, with progress."""
+    """Embedded default: run the job in this process on a local Ray instance, with progress.
+
+    An attempt the infrastructure ended is run again here after its back-off, unless a
+    dispatcher took the job over meanwhile (then its record is followed).
+    """
+    import time
+
     from batchinf.display import ProgressDisplay
+    from batchinf.errors import JobError
+    from batchinf.job import JobState
     from batchinf.pipeline import ensure_ray
     from batchinf.worker import execute
 
     ensure_ray("local")
-    with ProgressDisplay(job_id, quiet=as_json) as display:
-        job = execute(job_store, job_id, f"local-{job_id}", display.update)
-    _show_final(job, as_json)
+    while True:
+        with ProgressDisplay(job_id, quiet=as_json) as display:
+            try:
+                job = execute(job_store, job_id, f"local-{job_id}-a{_next(job_store, job_id)}",
+                              display.update)
+            except JobError:  # claimed elsewhere meanwhile
+                return _follow(job_store, job_id, as_json)
+        if job.state is not JobState.QUEUED:
+            return _show_final(job, as_json)
+        if not as_json:
+            typer.echo(f"{job_id}: attempt {job.attempt} ended ({job.attempts[-1]['reason']}); "
+                       f"retrying in {max(0, (job.retry_at or 0) - time.time()):.0f} s", err=True)
+        time.sleep(max(0.0, (job.retry_at or 0) - time.time()))
+
+
+def _next(job_store: Any, job_id: str) -> int:
+    return int(job_store.get(job_id).attempt) + 1
 
 
 def _show_final(job: Any, as_json: bool) -> None:
@@ -220,13 +262,23 @@ def _follow(job_store: Any, job_id: str, as_json: bool) -> None:
     with ProgressDisplay(job_id, quiet=as_json) as display:
         while True:
             job = job_store.get(job_id)
-            if job.rows_total:
-                display.update(Snapshot(job.rows_total, job.rows_done, job.rows_failed,
-                                        job.images_per_s or 0.0))
+            display.update(Snapshot(job.rows_total or 0, job.rows_done, job.rows_failed,
+                                    job.images_per_s or 0.0, waiting=_waiting_line(job)))
             if job.state.terminal:
                 break
             time.sleep(1.0)
     _show_final(job, as_json)
+
+
+def _waiting_line(job: Any) -> str | None:
+    """What a job waits for, as a person would want it said (None when it is moving)."""
+    import time
+
+    if job.state.value == "QUEUED":
+        if job.retry_at and job.retry_at > time.time():
+            return f"queued: attempt {job.attempt + 1} starts in {job.retry_at - time.time():.0f} s"
+        return "queued: waiting for a dispatcher and a free slot"
+    return job.waiting
 
 
 @app.command()
@@ -251,6 +303,11 @@ def status(job_id: JobArgument, store: StoreOption = None, as_json: JsonOption =
     ]
     if job.ray_job_id:
         lines.append(f"  ray job   {job.ray_job_id}")
+    waiting = _waiting_line(job)
+    if waiting and not job.state.terminal:
+        lines.append(f"  waiting   {waiting}")
+    for past in job.attempts:
+        lines.append(f"  attempt {past['attempt']} {past['outcome']}: {past.get('reason') or 'ok'}")
     if job.cancel_requested and not job.state.terminal:
         lines.append("  cancel    requested")
     if job.error:
@@ -384,18 +441,8 @@ def dispatcher(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if max_running < 1:
         raise UsageError("--max-running must be at least 1")
-    head = None
-    if not address:
-        from batchinf.localray import start_head
-
-        head = start_head()
-        address = head.jobs_address
-        logging.info("started a local Ray head; dashboard and Jobs API at %s", address)
-    try:
-        Dispatcher(JobStore.from_uri(store), address, max_running=max_running).serve(poll, idle_exit)
-    finally:
-        if head is not None:
-            head.stop()
+    job_store = JobStore.from_uri(store)
+    Dispatcher(job_store, address or None, max_running=max_running).serve(poll, idle_exit)
 
 
 @app.command(hidden=True)

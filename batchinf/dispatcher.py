@@ -14,7 +14,9 @@ Each round it
 
 The store holds all state, so a dispatcher can be restarted at any time, and a job submitted
 while no cluster runs simply waits as QUEUED. A lease in the store keeps one dispatcher active
-per store.
+per store. Without a cluster address (the embedded default) the dispatcher that holds the lease
+runs the store's one local Ray head: it adopts the head a dead predecessor left running, or
+starts one, and stops it when it exits.
 """
 
 from __future__ import annotations
@@ -22,20 +24,21 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import socket
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from batchinf.errors import BatchinfError
-from batchinf.job import Job, JobState, fail, transition
+from batchinf.job import MAX_ATTEMPTS, Job, JobState, fail, retry_delay, retry_later, transition
 from batchinf.store import JobStore
 
 log = logging.getLogger("batchinf.dispatcher")
 
-MAX_ATTEMPTS = 3
 CANCEL_GRACE_S = 30.0
+_SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
 _ENDED = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -67,13 +70,28 @@ class Dispatcher:
     """One store, one Ray cluster: launch, watch and requeue jobs."""
 
     store: JobStore
-    address: str
+    address: str | None  # None: run the store's own local Ray head (embedded default)
     max_running: int = 2
     python: str = sys.executable
-    owner: str = f"{socket.gethostname()}:{os.getpid()}"
+    owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
 
     def __post_init__(self) -> None:
+        self.head: Any = None
+        self.client: Any = jobs_client(self.address) if self.address else None
+
+    def connect(self) -> None:
+        """Embedded default: adopt the local head a dead dispatcher left, or start one."""
+        if self.client is not None:
+            return
+        from batchinf.localray import adopt_or_start
+
+        self.head = adopt_or_start(self.store)
+        self.address = self.head.jobs_address
         self.client = jobs_client(self.address)
+        log.info(
+            "local Ray head: dashboard and Jobs API at %s (token: %s)",
+            self.address, self.head.token_hint(),
+        )
 
     def ray_status(self, ray_job_id: str) -> str | None:
         """The Ray job's status name, or None if Ray does not know it."""
@@ -91,8 +109,9 @@ class Dispatcher:
         for job in running:
             self._reconcile(job)
         running = [j for j in self.store.list({JobState.RUNNING})]
+        now = time.time()
         queued = sorted(
-            (j for j in self.store.list({JobState.QUEUED})),
+            (j for j in self.store.list({JobState.QUEUED}) if (j.retry_at or 0) <= now),
             key=lambda j: (-j.spec.priority, j.created_at),
         )
         launched = []
@@ -117,9 +136,10 @@ class Dispatcher:
                 return current
             if current.cancel_requested:
                 return transition(current, JobState.CANCELLED)
+            reason = f"its Ray job {stale_id} ended as {status or 'gone'} (driver or its node lost)"
             if current.attempt >= MAX_ATTEMPTS:
-                return fail(current, "Crashed", f"its driver died {current.attempt} times")
-            return transition(current, JobState.QUEUED)
+                return fail(current, "Crashed", f"{reason}, {current.attempt} attempts")
+            return retry_later(current, reason, retry_delay(current.attempt))
 
         after = self.store.update(job.job_id, requeue)
         log.warning("job %s: Ray job %s is %s; now %s", job.job_id, stale_id, status, after.state)
@@ -144,6 +164,7 @@ class Dispatcher:
                 entrypoint=entrypoint,
                 submission_id=ray_job_id,
                 metadata={"batchinf_job_id": job.job_id, "attempt": str(claimed.attempt)},
+                runtime_env={"env_vars": knobs()} if knobs() else None,
             )
         except Exception as exc:  # the cluster refused: put the job back for the next round
             log.warning("job %s: submit failed (%s); requeued", job.job_id, exc)
@@ -152,17 +173,88 @@ class Dispatcher:
         log.info("job %s: launched as Ray job %s", job.job_id, ray_job_id)
         return ray_job_id
 
-    def serve(self, poll_s: float = 2.0, idle_exit_s: float | None = None) -> None:
-        """Run rounds until interrupted (or idle for ``idle_exit_s``); hold the store's lease."""
+    def serve(self, poll_s: float = 2.0, idle_exit_s: float | None = None) -> str:
+        """Run rounds until a signal, or idle for ``idle_exit_s``; hold the store's lease.
+
+        Returns (and logs) why it stopped. A local head it runs is stopped on the way out.
+        """
+        stop = _StopOnSignal()
         idle_since = time.monotonic()
-        while True:
-            if not self.store.acquire_lease(self.owner, ttl_s=max(30.0, 10 * poll_s)):
-                log.info("another dispatcher holds the lease for %s; waiting", self.store.root)
+        holder: str | None = None
+        reason = "error"
+        try:
+            while not stop.signal:
+                if self.store.acquire_lease(self.owner, ttl_s=max(30.0, 10 * poll_s),
+                                            holder_gone=holder_is_gone):
+                    holder = None
+                    self.connect()
+                    self.tick()
+                    if self.store.list({JobState.QUEUED, JobState.RUNNING}):
+                        idle_since = time.monotonic()
+                else:
+                    current = self.store.lease_holder()
+                    if current != holder:  # say it once, and again only when it changes
+                        log.info("dispatcher %s holds the lease for %s; waiting", current,
+                                 self.store.root)
+                        holder = current
+                if idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
+                    reason = f"idle for {idle_exit_s:.0f} s"
+                    break
+                stop.sleep(poll_s)
             else:
-                self.tick()
-                if self.store.list({JobState.QUEUED, JobState.RUNNING}):
-                    idle_since = time.monotonic()
-                elif idle_exit_s is not None and time.monotonic() - idle_since > idle_exit_s:
-                    self.store.release_lease(self.owner)
-                    return
-            time.sleep(poll_s)
+                reason = f"signal {stop.signal}"
+        finally:
+            stop.restore()
+            if self.head is not None:  # stop the head before another dispatcher may adopt it
+                self.head.stop()
+                self.store.forget_local_head()
+            self.store.release_lease(self.owner)
+        log.info("dispatcher %s exits: %s", self.owner, reason)
+        return reason
+
+
+def knobs() -> dict[str, str]:
+    """``BATCHINF_*`` settings of the dispatcher, passed on to each job (never a secret)."""
+    return {
+        k: v for k, v in os.environ.items()
+        if k.startswith("BATCHINF_") and not any(w in k for w in _SECRET_WORDS)
+    }
+
+
+def holder_is_gone(owner: str) -> bool:
+    """True when a lease ``owner`` (``host:pid``) is a process on this host that has exited."""
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
+
+
+class _StopOnSignal:
+    """SIGTERM and SIGINT end the loop cleanly, so the local head is stopped too."""
+
+    def __init__(self) -> None:
+        self.signal: str | None = None
+        self._old = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                continue
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while not self.signal and time.monotonic() < deadline:
+            time.sleep(min(0.2, seconds))
+
+    def restore(self) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)

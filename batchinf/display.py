@@ -27,11 +27,12 @@ def _format_eta(seconds: float | None) -> str:
 def log_line(job_id: str, progress: Progress | Snapshot) -> str:
     """One line a cron log can keep: time, counts, percentage, speed, ETA, failures."""
     total = max(progress.rows_total, 1)
-    return (
+    line = (
         f"{time.strftime('%Y-%m-%d %H:%M:%S')} {job_id}: {progress.rows_done}/{progress.rows_total}"
         f" rows ({100 * progress.rows_done / total:.0f}%), {progress.images_per_s:.1f} images/s,"
         f" ETA {_format_eta(progress.eta_s)}, {progress.rows_failed} failed"
     )
+    return f"{line}; {progress.waiting}" if progress.waiting else line
 
 
 @dataclass
@@ -43,6 +44,7 @@ class Snapshot:
     rows_failed: int
     images_per_s: float
     rows_this_run: int = 0
+    waiting: str | None = None
 
     @property
     def eta_s(self) -> float | None:
@@ -90,8 +92,13 @@ class ProgressDisplay:
                 dynamic_ncols=True,
                 smoothing=0.1,
             )
+        if self._bar.total != progress.rows_total and progress.rows_total:
+            self._bar.total = progress.rows_total
         self._bar.update(progress.rows_done - self._bar.n)
-        self._bar.set_postfix(failed=progress.rows_failed, refresh=False)
+        if progress.waiting:
+            self._bar.set_postfix_str(progress.waiting[:80], refresh=True)
+        else:
+            self._bar.set_postfix(failed=progress.rows_failed, refresh=False)
 
     def __exit__(
         self,

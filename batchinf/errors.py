@@ -2,6 +2,7 @@
 
     BatchinfError                  anything batchinf reports to a user
     ├── UsageError                 a bad argument or option (exit code 2)
+    │   └── OutputTaken            another queued or running job writes that output
     ├── ManifestError              the manifest cannot be read or has no `uri` column
     ├── ModelError                 the model folder or its signature is unusable
     ├── StorageError               a read or write on a local path or S3 failed
@@ -11,6 +12,8 @@
     │   ├── JobNotFound
     │   └── IllegalTransition      a state change the transition table forbids
     └── JobFailed                  a job ended FAILED (error budget, crash); carries the reason
+        ├── Infeasible             no node, live or addable, can ever hold a demand (planner)
+        └── InfrastructureError    the cluster lost what an attempt ran on; retried, not a user error
 
 Library errors (botocore, OSError, TensorFlow, Ray) are translated where they enter, with
 ``raise ... from exc``, so callers catch one root.
@@ -27,6 +30,10 @@ class BatchinfError(Exception):
 
 class UsageError(BatchinfError):
     exit_code = 2
+
+
+class OutputTaken(UsageError):
+    pass
 
 
 class ManifestError(BatchinfError):
@@ -63,3 +70,7 @@ class IllegalTransition(JobError):
 
 class JobFailed(BatchinfError):
     pass
+
+
+class InfrastructureError(JobFailed):
+    """The cluster lost what an attempt ran on (nodes, every replica): the attempt is retried."""

@@ -19,11 +19,13 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
 from batchinf.errors import IllegalTransition, JobError, UsageError
+
+MAX_ATTEMPTS = 3  # attempts the infrastructure may end before the job fails
 
 
 class JobState(StrEnum):
@@ -77,6 +79,7 @@ class JobSpec:
     shard_size: int = 1024
     priority: int = 0
     idempotency_key: str | None = None
+    replica_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources
 
     def validate(self) -> None:
         """Reject a spec no run could honour; the message names the option."""
@@ -96,6 +99,11 @@ class JobSpec:
             raise UsageError(f"--decode-cpus must be above 0, got {self.decode_cpus}")
         if self.gpus_per_replica < 0 or self.cpus_per_replica < 0:
             raise UsageError("--gpus-per-replica and --cpus-per-replica cannot be negative")
+        for name, amount in self.replica_resources.items():
+            if name in ("CPU", "GPU", "memory") or amount <= 0:
+                raise UsageError(
+                    f"--replica-resources takes custom resources with amounts above 0, got {name}={amount}"
+                )
         if self.model_version is not None and self.model_version < 0:
             raise UsageError(f"--model-version must be a version number, got {self.model_version}")
 
@@ -132,6 +140,9 @@ class Job:
     images_per_s: float | None = None  # speed of the current attempt, from its runner
     runner: dict[str, Any] | None = None  # {"host", "pid"} of the process running the attempt
     ray_address: str | None = None  # Ray Jobs API address the attempt was submitted to
+    waiting: str | None = None  # what the running attempt waits for (resources), if anything
+    retry_at: float | None = None  # a requeued attempt is not launched before this time
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # how each attempt ended
 
     @classmethod
     def new(cls, spec: JobSpec, *, job_id: str | None = None, now: float | None = None) -> Job:
@@ -174,18 +185,23 @@ def new_job_id(now: float | None = None) -> str:
     return f"bi-{stamp}-{secrets.token_hex(3)}"
 
 
-def transition(job: Job, new: JobState, *, now: float | None = None) -> Job:
+def transition(
+    job: Job, new: JobState, *, now: float | None = None, reason: str | None = None
+) -> Job:
     """The job moved to ``new``: the one door for state changes (raises ``IllegalTransition``).
 
     Entering RUNNING starts a new attempt; entering a terminal state stamps ``ended_at``;
     a resume (FAILED or CANCELLED -> QUEUED) clears the last error and cancel request. A requeue
     (RUNNING -> QUEUED) keeps ``cancel_requested``, so a pending cancel is never lost.
+    Leaving RUNNING appends how the attempt ended (and ``reason``) to ``attempts``.
     """
     check_transition(job.state, new)
     now = time.time() if now is None else now
-    changes: dict[str, Any] = {"state": new, "updated_at": now}
+    changes: dict[str, Any] = {"state": new, "updated_at": now, "waiting": None}
+    if job.state is JobState.RUNNING:
+        changes["attempts"] = [*job.attempts, _attempt_record(job, new, now, reason)]
     if new is JobState.RUNNING:
-        changes.update(attempt=job.attempt + 1, started_at=now, ended_at=None)
+        changes.update(attempt=job.attempt + 1, started_at=now, ended_at=None, retry_at=None)
     elif new.terminal:
         changes["ended_at"] = now
     elif job.state.terminal:  # resume into QUEUED
@@ -199,12 +215,46 @@ def transition(job: Job, new: JobState, *, now: float | None = None) -> Job:
 
 def fail(job: Job, exc_type: str, message: str, *, now: float | None = None) -> Job:
     """The job moved to FAILED with its error recorded: the one failure door."""
-    failed = transition(job, JobState.FAILED, now=now)
+    failed = transition(job, JobState.FAILED, now=now, reason=f"{exc_type}: {message}")
     failed.error = {"type": exc_type, "message": message, "attempt": job.attempt}
     return failed
 
 
+def retry_later(job: Job, reason: str, delay_s: float, *, now: float | None = None) -> Job:
+    """A RUNNING attempt that infrastructure ended goes back to QUEUED, to be launched again
+    (resuming from its committed parts) no sooner than ``delay_s`` from now."""
+    now = time.time() if now is None else now
+    requeued = transition(job, JobState.QUEUED, now=now, reason=reason)
+    requeued.retry_at = now + delay_s
+    return requeued
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds before attempt ``attempt + 1`` after an infrastructure failure: doubling, capped.
+
+    ``BATCHINF_RETRY_DELAY`` sets the first delay (default 15 s).
+    """
+    import os
+
+    first = float(os.environ.get("BATCHINF_RETRY_DELAY", "15"))
+    return float(min(300.0, first * 2 ** max(0, attempt - 1)))
+
+
+def _attempt_record(job: Job, new: JobState, now: float, reason: str | None) -> dict[str, Any]:
+    outcome = "requeued" if new is JobState.QUEUED else new.value.lower()
+    return {
+        "attempt": job.attempt,
+        "run_id": job.ray_job_id,
+        "started_at": job.started_at,
+        "ended_at": now,
+        "outcome": outcome,
+        "reason": reason,
+        "rows_done": job.rows_done,
+    }
+
+
 __all__ = [
+    "MAX_ATTEMPTS",
     "TRANSITIONS",
     "Job",
     "JobSpec",
@@ -212,5 +262,7 @@ __all__ = [
     "check_transition",
     "fail",
     "new_job_id",
+    "retry_delay",
+    "retry_later",
     "transition",
 ]

@@ -3,10 +3,15 @@
 It is a real one-node cluster with the dashboard and its Jobs API, so jobs launched on it show
 on the dashboard's Jobs page exactly as on a deployed cluster. Its processes are found again
 by their private temp folder, so stopping it never touches another Ray instance.
+
+One store has at most one such head. The dispatcher holding the store's lease records its head
+in the store (``local-head.json``); a dispatcher that takes the store over after a crash adopts
+that head if it still answers (its running jobs go on) or stops what is left of it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -14,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 from batchinf.errors import BatchinfError
 
@@ -30,17 +36,72 @@ class LocalHead:
     gcs_address: str  # 127.0.0.1:<port>, for ray.init(address=...)
     temp_dir: str
 
-    def stop(self) -> None:
-        """Kill this head's processes (found by their temp folder) and remove the folder."""
+    def processes(self) -> list[Any]:
+        """This head's processes (GCS, raylet, dashboard, workers), found by their temp folder."""
         import psutil
 
+        found = []
         for process in psutil.process_iter(["cmdline"]):
             try:
                 if any(self.temp_dir in part for part in process.info["cmdline"] or []):
-                    process.kill()
+                    found.append(process)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
+        return found
+
+    def stop(self) -> None:
+        """Kill this head's processes and remove its folder."""
+        import psutil
+
+        for process in self.processes():
+            with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
+                process.kill()
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def answers(self) -> bool:
+        """True when its Jobs API responds (the head is alive and usable)."""
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.jobs_address}/api/version", timeout=5) as reply:
+                return bool(reply.status == 200)
+        except OSError:
+            return False
+
+    def token_hint(self) -> str:
+        """Where the dashboard's login token is (Ray 2.60 asks for it), without showing it."""
+        return token_hint()
+
+    def to_dict(self) -> dict[str, str]:
+        return {"jobs_address": self.jobs_address, "gcs_address": self.gcs_address,
+                "temp_dir": self.temp_dir, "host": socket.gethostname()}
+
+
+def token_hint() -> str:
+    """Where Ray's auth token comes from here: ``RAY_AUTH_TOKEN`` or Ray's token file."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return "the RAY_AUTH_TOKEN environment variable"
+    path = os.path.expanduser("~/.ray/auth_token")
+    if os.path.exists(path):
+        return f"paste the contents of {path}"
+    return "none required"
+
+
+def adopt_or_start(store: Any) -> LocalHead:
+    """The store's local head: the recorded one if it still answers, else a new one.
+
+    A recorded head that no longer answers (a crashed dispatcher's half-dead head) is stopped
+    first, so no orphaned Ray processes are left beside the new head.
+    """
+    record = store.local_head()
+    if record and record.get("host") == socket.gethostname():
+        old = LocalHead(record["jobs_address"], record["gcs_address"], record["temp_dir"])
+        if old.processes() and old.answers():
+            return old
+        old.stop()
+    head = start_head()
+    store.remember_local_head(head.to_dict())
+    return head
 
 
 def start_head(num_cpus: int | None = None) -> LocalHead:
@@ -81,10 +142,24 @@ def _wait_for_jobs_api(head: LocalHead, timeout_s: float = 90.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            client.submit_job(entrypoint="true", submission_id=f"batchinf-warmup-{free_port()}")
+            probe = client.submit_job(entrypoint="true", submission_id=f"batchinf-warmup-{free_port()}")
+            _forget_probe(client, probe)
             return
         except RuntimeError as exc:
             if time.monotonic() > deadline:
                 head.stop()
                 raise BatchinfError(f"the local Ray head never took jobs: {exc}") from exc
             time.sleep(0.5)
+
+
+def _forget_probe(client: Any, submission_id: str, timeout_s: float = 30.0) -> None:
+    """Delete the no-op probe job once it ends, so the Jobs page lists only real jobs."""
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(Exception):
+            if str(client.get_job_status(submission_id)) in ("SUCCEEDED", "FAILED", "STOPPED"):
+                client.delete_job(submission_id)
+                return
+        time.sleep(0.2)

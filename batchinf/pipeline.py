@@ -26,12 +26,16 @@ from typing import Any
 
 from batchinf import manifest, sink, storage
 from batchinf.decode import decode_batch
-from batchinf.errors import BatchinfError, JobFailed, ModelError, UsageError
+from batchinf.errors import BatchinfError, InfrastructureError, JobFailed, ModelError, UsageError
 from batchinf.job import JobSpec
 from batchinf.model import ModelSource, resolve_model
-from batchinf.pool import PredictorPool, Resources, plan_resources
+from batchinf.planner import Plan
+from batchinf.pool import PredictorPool
 from batchinf.predictor import PredictedBatch
 from batchinf.progress import Progress
+
+BATCH_TRIES = 5  # sends of one batch before its loss ends the attempt as an infrastructure error
+STALL_TIMEOUT_S = float(os.environ.get("BATCHINF_STALL_TIMEOUT", "900"))
 
 
 @dataclass
@@ -47,6 +51,15 @@ class _ShardWork:
     shard: manifest.Shard
     results: list[PredictedBatch | None]
     waiting: int
+
+
+@dataclass
+class _Batch:
+    work: _ShardWork
+    number: int
+    uris: list[str]
+    actor: Any
+    tries: int = 1
 
 
 class JobRunner:
@@ -65,11 +78,12 @@ class JobRunner:
         self._on_progress = on_progress or (lambda progress: None)
         self._should_stop = should_stop or (lambda: False)
         self._errors_by_kind: dict[str, int] = {}
-        self._in_flight: dict[Any, tuple[_ShardWork, int, Any]] = {}
+        self._in_flight: dict[Any, _Batch] = {}
         self._open: list[_ShardWork] = []
         self._parts = 0
         self._first_part_s: float | None = None
         self._busy: list[float] = []
+        self._redone = 0
         self._began = time.monotonic()
 
     def run(self) -> JobResult:
@@ -86,39 +100,46 @@ class JobRunner:
         self._count_committed(committed, progress)
         self._run_info = sink.RunInfo(self.job_id, source.name, source.version, source.labels)
         self._budget = math.floor(spec.max_error_rate * progress.rows_total)
-        resources = plan_resources(ray.cluster_resources(), spec)
-        pool = PredictorPool(source, spec, resources, name_prefix=self.job_id)
+        self._progress = progress
+        self._on_progress(progress)  # rows_total is known before anything is placed
+        pool = PredictorPool(
+            source, spec, self.job_id, on_wait=self._waiting, should_stop=self._should_stop
+        )
         try:
+            reserved = pool.reserve()
+            if reserved is None:  # cancelled while waiting for room
+                return JobResult(self._summary(source, columns, progress, None), cancelled=True)
             info = pool.start()
             _check_labels(source, info.num_classes)
             progress.begin_processing()
-            task = ray.remote(decode_batch).options(num_cpus=resources.decode_cpus, max_retries=3)
+            task = ray.remote(decode_batch).options(**pool.decode_options())
 
             def decode(uris: list[str]) -> Any:
-                return task.remote(
-                    uris, info.input, resources.fetch_threads, resources.decode_nice
-                )
+                return task.remote(uris, info.input, reserved.fetch_threads, reserved.decode_nice)
 
-            cancelled = self._stream(decode, pool, committed, progress)
+            self._decode = decode
+            cancelled = self._stream(pool, committed, progress)
             if not cancelled:  # a cancelled replica's queue may still hold batches: don't wait
                 self._busy = pool.busy_seconds()
         finally:
             pool.stop()
-        summary = self._summary(source, columns, progress, resources)
+        summary = self._summary(source, columns, progress, reserved)
         if cancelled:
             return JobResult(summary, cancelled=True)
         self._check_budget(progress)
         sink.write_success(spec.output, summary)
         return JobResult(summary)
 
+    def _waiting(self, reason: str | None) -> None:
+        """The pool waits for resources (or stopped waiting): say so in the progress."""
+        self._progress.waiting = reason
+        self._on_progress(self._progress)
+
     def _stream(
-        self,
-        decode: Callable[[list[str]], Any],
-        pool: PredictorPool,
-        committed: dict[int, str],
-        progress: Progress,
+        self, pool: PredictorPool, committed: dict[int, str], progress: Progress
     ) -> bool:
         size = self.spec.batch_size
+        self._last_batch = time.monotonic()
         for shard in manifest.iter_shards(self.spec.manifest, self.spec.shard_size):
             if shard.index in committed:
                 continue
@@ -127,16 +148,20 @@ class JobRunner:
             work = _ShardWork(shard, [None] * len(starts), len(starts))
             self._open.append(work)
             for number, start in enumerate(starts):
-                while len(self._in_flight) >= pool.max_in_flight:
+                while len(self._in_flight) >= pool.max_in_flight or pool.pick() is None:
                     if self._collect(pool, progress):
                         return True
-                actor = pool.pick()
-                self._in_flight[actor.predict.remote(decode(uris[start : start + size]))] = (work, number, actor)
-                pool.sent(actor)
+                self._send(pool, _Batch(work, number, uris[start : start + size], None))
         while self._in_flight:
             if self._collect(pool, progress):
                 return True
         return False
+
+    def _send(self, pool: PredictorPool, batch: _Batch) -> None:
+        """Decode a batch and hand it to the least busy ready replica."""
+        batch.actor = pool.pick()
+        self._in_flight[batch.actor.predict.remote(self._decode(batch.uris))] = batch
+        pool.sent(batch.actor)
 
     def _collect(self, pool: PredictorPool, progress: Progress) -> bool:
         """Wait for some batch to finish, record it, commit shards that are whole; True = stop."""
@@ -148,20 +173,53 @@ class JobRunner:
             self._in_flight.clear()
             return True
         pool.refresh()
+        self._report_waiting(pool, progress)
+        if not self._in_flight:
+            time.sleep(0.5)  # no replica ready yet: nothing to wait on but the pool
+            return False
         ready, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=0.5)
         for ref in ready:
-            work, number, actor = self._in_flight.pop(ref)
-            pool.done(actor)
+            batch = self._in_flight.pop(ref)
+            pool.done(batch.actor)
             try:
-                batch: PredictedBatch = ray.get(ref)
+                result: PredictedBatch = ray.get(ref)
             except ray.exceptions.RayError as exc:
-                raise JobFailed(f"a batch of shard {work.shard.index} failed: {exc}") from exc
-            work.results[number] = batch
-            work.waiting -= 1
-            self._record(batch, progress)
-            if work.waiting == 0:
-                self._commit(work)
+                self._redo(pool, batch, exc)
+                continue
+            self._last_batch = time.monotonic()
+            batch.work.results[batch.number] = result
+            batch.work.waiting -= 1
+            self._record(result, progress)
+            if batch.work.waiting == 0:
+                self._commit(batch.work)
+        if time.monotonic() - self._last_batch > STALL_TIMEOUT_S:
+            raise InfrastructureError(f"no batch finished for {STALL_TIMEOUT_S:.0f}s")
         return False
+
+    def _redo(self, pool: PredictorPool, batch: _Batch, exc: BaseException) -> None:
+        """A batch was lost with its replica, node or decode task: send it again elsewhere.
+
+        The replica predicts in its own process and turns bad rows into error rows, so a Ray
+        error here is the infrastructure's, never the data's: it adds no error row.
+        """
+        pool.lost(batch.actor)
+        if batch.tries >= BATCH_TRIES:
+            raise InfrastructureError(
+                f"a batch of shard {batch.work.shard.index} was lost {batch.tries} times: {exc}"
+            ) from exc
+        self._redone += 1
+        batch.tries += 1
+        while pool.pick() is None:
+            pool.refresh(timeout=1.0)
+            if self._should_stop():
+                return
+        self._send(pool, batch)
+
+    def _report_waiting(self, pool: PredictorPool, progress: Progress) -> None:
+        reason = pool.waiting_reason()
+        if reason != progress.waiting:
+            progress.waiting = reason
+        self._on_progress(progress)
 
     def _record(self, batch: PredictedBatch, progress: Progress) -> None:
         for kind, _ in batch.errors.values():
@@ -197,7 +255,7 @@ class JobRunner:
                 progress.rows_failed += count
 
     def _summary(
-        self, source: ModelSource, columns: tuple[str, ...], progress: Progress, plan: Resources
+        self, source: ModelSource, columns: tuple[str, ...], progress: Progress, plan: Plan | None
     ) -> dict[str, Any]:
         return {
             "job_id": self.job_id,
@@ -224,7 +282,8 @@ class JobRunner:
             "top_k": self.spec.top_k,
             "batch_size": self.spec.batch_size,
             "shard_size": self.spec.shard_size,
-            "resources": plan.to_dict(),
+            "resources": plan.to_dict() if plan else None,
+            "batches_redone": self._redone,
             "finished_at": time.time(),
         }
 

@@ -1,117 +1,159 @@
-"""The replica pool: predictor actors that each hold the model, and the resource plan.
+"""The replica pool: predictor actors that each hold the model, on a reservation of their own.
 
-The plan keeps one CPU (half of a one-CPU node) out of the replicas' reservation so the decode
-tasks that feed them can always be scheduled: a pool whose replicas reserve every CPU starves
-its own decode stage and hangs. The reservation is Ray's bookkeeping only; how many threads
-TensorFlow uses in each replica is set separately (``BATCHINF_TF_THREADS``).
+A job reserves what it plans (``batchinf.planner``) as one Ray placement group: a bundle per
+replica and a bundle per decode task. The group is placed whole or not at all, so two jobs can
+never each hold half of what they need and wait on each other forever: the second one waits,
+saying why, until the first frees the room. Replicas beyond what fits now (``MIN:MAX``) are
+started as plain actors; they stay pending (demand the autoscaler sees) and join when they
+start.
+
+Replicas come and go while a job runs. A replica whose process dies is restarted by Ray; one
+on a lost node is restarted when its bundle is placed again on a surviving or new node. Until
+it answers again it gets no work, and the job goes on with the others; only when no replica
+has been alive for ``REPLICA_LOSS_TIMEOUT`` does the attempt end (``InfrastructureError``, which
+the dispatcher retries).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import json
 import os
 import secrets
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
-from batchinf.decode import DECODE_NICE, FETCH_THREADS
-from batchinf.errors import JobFailed, ModelError
+from batchinf.errors import InfrastructureError, JobFailed, ModelError
 from batchinf.job import JobSpec
 from batchinf.model import ModelSource
+from batchinf.planner import NodeView, Plan, plan
 from batchinf.predictor import ModelInfo, Predictor
 
 START_TIMEOUT_S = float(os.environ.get("BATCHINF_REPLICA_START_TIMEOUT", "600"))
+REPLICA_LOSS_TIMEOUT_S = float(os.environ.get("BATCHINF_REPLICA_LOSS_TIMEOUT", "300"))
+PLACEMENT_WAIT_S = 10.0  # a reservation not placed by then is re-planned from what is free
+REPLICA_RESTARTS = 8
+NODE_ID_LABEL = "ray.io/node-id"
 
 
-DECODE_CPUS_PER_GPU = 4.0  # docs/performance.md: a GPU replica outruns one CPU of decode ~10x
+def live_nodes() -> list[NodeView]:
+    """The cluster's live nodes with their total and currently free resources."""
+    import ray
+    from ray._private.state import available_resources_per_node
+
+    free = available_resources_per_node()
+    return [
+        NodeView(node["NodeID"], dict(node["Resources"]), dict(free.get(node["NodeID"], {})))
+        for node in ray.nodes()
+        if node.get("Alive")
+    ]
 
 
-@dataclass(frozen=True)
-class Resources:
-    """How much each replica and each decode task reserves, and how much work may be queued."""
+def autoscaler_node_types() -> list[dict[str, float]]:
+    """Resources of the worker node types the autoscaler may add (none if it cannot add any).
 
-    replica_cpus: float
-    replica_gpus: float
-    decode_cpus: float  # what one decode task reserves
-    decode_tasks: int  # decode tasks kept running at once
-    max_in_flight: int
-    tf_threads: int | None  # TensorFlow's intra-op threads per replica (None: one per core)
-    fetch_threads: int  # concurrent fetches (and Pillow decodes) inside one decode task
-    decode_nice: int  # niceness of the decode threads (0: same priority as the model)
-
-    def to_dict(self) -> dict[str, float | int | None]:
-        return dataclasses.asdict(self)
-
-
-def plan_resources(cluster: dict[str, float], spec: JobSpec) -> Resources:
-    """Fit the replicas and their decode stage on the cluster without starving either.
-
-    Decode always keeps at least one CPU (half of a one-CPU cluster) out of the replicas'
-    reservation. How much decode is wanted: ``--decode-cpus`` if given, else one CPU beside
-    CPU replicas (a CPU model is ~5x slower per image than decoding a photo), or
-    ``DECODE_CPUS_PER_GPU`` per GPU the replicas hold. Each decode task reserves one CPU and
-    runs ``BATCHINF_FETCH_THREADS`` fetches; the queue holds two batches per replica plus one
-    per decode task, so a replica finds its next batch ready and decode never runs far ahead.
+    From ``BATCHINF_NODE_TYPES`` (a JSON list of resource dicts), else from the autoscaling
+    config that ``ray up`` leaves on the head (``~/ray_bootstrap_config.yaml``).
     """
-    total = float(cluster.get("CPU", 1.0))
-    floor = min(1.0, total / 2)
-    fair_share = max(0.0, (total - floor) / spec.replicas_max)
-    replica_cpus = math.floor(1000 * min(spec.cpus_per_replica, fair_share)) / 1000
-    gpus = spec.gpus_per_replica * spec.replicas_max
-    wanted = spec.decode_cpus or (DECODE_CPUS_PER_GPU * gpus if gpus else 1.0)
-    free = total - replica_cpus * spec.replicas_max
-    decode_total = max(floor, min(wanted, free))
-    decode_cpus = min(1.0, decode_total)
-    decode_tasks = max(1, int(decode_total // decode_cpus))
-    threads = os.environ.get("BATCHINF_TF_THREADS")
-    return Resources(
-        replica_cpus=replica_cpus,
-        replica_gpus=spec.gpus_per_replica,
-        decode_cpus=decode_cpus,
-        decode_tasks=decode_tasks,
-        max_in_flight=2 * spec.replicas_max + decode_tasks + 1,
-        tf_threads=int(threads) if threads else None,
-        fetch_threads=int(os.environ.get("BATCHINF_FETCH_THREADS") or FETCH_THREADS),
-        decode_nice=int(os.environ.get("BATCHINF_DECODE_NICE") or DECODE_NICE),
-    )
+    given = os.environ.get("BATCHINF_NODE_TYPES")
+    if given:
+        return [dict(t) for t in json.loads(given)]
+    path = os.path.expanduser("~/ray_bootstrap_config.yaml")
+    if not os.path.exists(path):
+        return []
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        config = yaml.safe_load(f) or {}
+    types = config.get("available_node_types") or {}
+    return [
+        {k: float(v) for k, v in (t.get("resources") or {}).items()}
+        for t in types.values()
+        if int(t.get("max_workers", 0)) > 0
+    ]
 
 
 class PredictorPool:
-    """Predictor actors, picked least-busy first; replicas that start late join when ready."""
+    """Predictor actors, picked least-busy first; replicas that start late or restart rejoin."""
 
     def __init__(
-        self, source: ModelSource, spec: JobSpec, resources: Resources, name_prefix: str
+        self,
+        source: ModelSource,
+        spec: JobSpec,
+        name_prefix: str,
+        on_wait: Callable[[str | None], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> None:
         self._source = source
         self._spec = spec
-        self._resources = resources
         self._prefix = f"{name_prefix}-{secrets.token_hex(2)}"
+        self._on_wait = on_wait or (lambda reason: None)
+        self._should_stop = should_stop or (lambda: False)
+        self._group: Any = None
+        self.plan: Plan | None = None
         self._actors: list[Any] = []
-        self._starting: dict[Any, Any] = {}  # ready() ref -> actor
+        self._starting: dict[Any, Any] = {}  # ready() ref -> actor not yet (or no longer) ready
         self._busy: dict[Any, int] = {}  # ready actor -> batches sent and not yet back
+        self._none_ready_since: float | None = None
 
     @property
     def max_in_flight(self) -> int:
-        return max(self._resources.max_in_flight, 2 * len(self._busy) + 1)
+        assert self.plan is not None
+        return max(self.plan.max_in_flight, 2 * len(self._busy) + 1)
+
+    @property
+    def ready_count(self) -> int:
+        return len(self._busy)
+
+    def reserve(self) -> Plan | None:
+        """Plan from the live nodes and reserve it; waits (saying why) while nothing fits.
+
+        Raises ``Infeasible`` at once for a demand no node can ever meet. Returns None if the
+        job was cancelled while waiting.
+        """
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        node_types = autoscaler_node_types()
+        while not self._should_stop():
+            current = plan(live_nodes(), self._spec, node_types)
+            if current.replicas_now == 0:
+                self._on_wait(current.waiting)
+                time.sleep(2.0)
+                continue
+            group = placement_group(
+                current.bundles(), strategy="SPREAD", bundle_label_selector=_selectors(current)
+            )
+            if _placed(group, PLACEMENT_WAIT_S):
+                self._group, self.plan = group, current
+                self._on_wait(current.waiting)
+                return current
+            remove_placement_group(group)  # another job took the room meanwhile: plan again
+            self._on_wait(f"waiting for resources held by other jobs: {current.bundles()}")
+        return None
 
     def start(self) -> ModelInfo:
         """Start the replicas and wait for at least ``replicas_min`` of them to hold the model."""
         import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+        assert self.plan is not None
         remote = ray.remote(Predictor)
+        custom = {k: v for k, v in self.plan.replica.items() if k not in ("CPU", "GPU")}
         for number in range(self._spec.replicas_max):
+            strategy: Any = "SPREAD"
+            if number < self.plan.replicas_now:
+                strategy = PlacementGroupSchedulingStrategy(
+                    self._group, placement_group_bundle_index=number
+                )
             actor = remote.options(
                 name=f"{self._prefix}-predictor-{number}",
-                num_cpus=self._resources.replica_cpus,
-                num_gpus=self._resources.replica_gpus,
-                max_restarts=2,
-                max_task_retries=2,
-                scheduling_strategy="SPREAD",
-            ).remote(
-                self._source, self._spec.top_k, self._resources.tf_threads, self._spec.batch_size
-            )
+                num_cpus=self.plan.replica_cpus,
+                num_gpus=self.plan.replica_gpus,
+                resources=custom or None,
+                max_restarts=REPLICA_RESTARTS,
+                max_task_retries=0,  # a lost call is resent by the driver, to a live replica
+                scheduling_strategy=strategy,
+            ).remote(self._source, self._spec.top_k, self.plan.tf_threads, self._spec.batch_size)
             self._actors.append(actor)
             self._starting[actor.ready.remote()] = actor
         deadline = time.monotonic() + START_TIMEOUT_S
@@ -119,35 +161,83 @@ class PredictorPool:
             if time.monotonic() > deadline:
                 raise JobFailed(
                     f"only {len(self._busy)} of {self._spec.replicas_min} replicas started within "
-                    f"{START_TIMEOUT_S:.0f}s: the cluster lacks the CPUs/GPUs they ask for"
+                    f"{START_TIMEOUT_S:.0f}s"
                 )
             self.refresh(timeout=1.0)
         first = next(iter(self._busy))
         return ray.get(first.describe.remote())
 
+    def decode_options(self) -> dict[str, Any]:
+        """Ray options for a decode task: it runs in one of this job's decode bundles."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        assert self.plan is not None
+        return {
+            "num_cpus": self.plan.decode_cpus,
+            "max_retries": 3,
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                self._group, placement_group_bundle_index=-1
+            ),
+        }
+
     def refresh(self, timeout: float = 0.0) -> None:
-        """Let replicas that have finished loading the model take work."""
+        """Let replicas that have loaded the model (or come back) take work."""
         import ray
 
-        if not self._starting:
-            return
-        ready, _ = ray.wait(list(self._starting), num_returns=len(self._starting), timeout=timeout)
-        for ref in ready:
-            actor = self._starting.pop(ref)
-            try:
-                ray.get(ref)
-            except ray.exceptions.RayError as exc:
-                raise ModelError(f"a model replica failed to start: {_root_cause(exc)}") from exc
-            self._busy[actor] = 0
+        if self._starting:
+            ready, _ = ray.wait(list(self._starting), num_returns=len(self._starting), timeout=timeout)
+            for ref in ready:
+                actor = self._starting.pop(ref)
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    if getattr(exc, "actor_init_failed", False):
+                        raise ModelError(f"a model replica failed to start: {_root_cause(exc)}") from exc
+                    continue  # restarts used up: the job goes on with the others
+                except ray.exceptions.RayError as exc:
+                    raise ModelError(f"a model replica failed to start: {_root_cause(exc)}") from exc
+                self._busy[actor] = 0
+        self._check_some_alive()
 
-    def pick(self) -> Any:
+    def _check_some_alive(self) -> None:
+        if self._busy:
+            self._none_ready_since = None
+            return
+        now = time.monotonic()
+        self._none_ready_since = self._none_ready_since or now
+        if now - self._none_ready_since > REPLICA_LOSS_TIMEOUT_S:
+            raise InfrastructureError(
+                f"no model replica has been alive for {REPLICA_LOSS_TIMEOUT_S:.0f}s "
+                "(their nodes were lost and nothing has room to restart them)"
+            )
+
+    def waiting_reason(self) -> str | None:
+        """What replicas wait for, while some are not ready (None when all are)."""
+        missing = self._spec.replicas_max - len(self._busy)
+        if missing <= 0 or self.plan is None:
+            return None
+        return (
+            f"waiting for {missing} of {self._spec.replicas_max} replicas: "
+            f"needs {_describe(self.plan.replica)}"
+        )
+
+    def pick(self) -> Any | None:
+        """The least busy ready replica, or None while none is ready."""
+        if not self._busy:
+            return None
         return min(self._busy, key=self._busy.__getitem__)
 
     def sent(self, actor: Any) -> None:
         self._busy[actor] += 1
 
     def done(self, actor: Any) -> None:
-        self._busy[actor] -= 1
+        if actor in self._busy:
+            self._busy[actor] -= 1
+
+    def lost(self, actor: Any) -> None:
+        """A call on ``actor`` failed with it: no more work for it until it answers again."""
+        if self._busy.pop(actor, None) is not None:
+            self._starting[actor.ready.remote()] = actor
 
     def busy_seconds(self) -> list[float]:
         """Seconds each ready replica has spent inside the model (best effort: [] on failure)."""
@@ -158,15 +248,53 @@ class PredictorPool:
         except ray.exceptions.RayError:
             return []
 
-    def stop(self) -> None:
-        """Free every replica (and its CPUs or GPUs) now."""
+    def nodes(self) -> dict[str, int]:
+        """How many ready replicas run on each node (node id -> count)."""
         import ray
+
+        try:
+            ids = ray.get([actor.node_id.remote() for actor in self._busy], timeout=30)
+        except ray.exceptions.RayError:
+            return {}
+        counts: dict[str, int] = {}
+        for node_id in ids:
+            counts[node_id] = counts.get(node_id, 0) + 1
+        return counts
+
+    def stop(self) -> None:
+        """Free every replica and the reservation (its CPUs and GPUs) now."""
+        import ray
+        from ray.util.placement_group import remove_placement_group
 
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
+        if self._group is not None:
+            remove_placement_group(self._group)
+            self._group = None
         self._actors.clear()
         self._starting.clear()
         self._busy.clear()
+
+
+def _selectors(current: Plan) -> list[dict[str, str]]:
+    """Per-bundle label selectors: decode bundles stay off the GPU nodes when the plan can."""
+    avoid = {}
+    if current.avoid_nodes:
+        avoid = {NODE_ID_LABEL: f"!in({','.join(current.avoid_nodes)})"}
+    return [{} for _ in range(current.replicas_now)] + [
+        dict(avoid) for _ in range(current.decode_tasks)
+    ]
+
+
+def _placed(group: Any, timeout: float) -> bool:
+    import ray
+
+    ready, _ = ray.wait([group.ready()], timeout=timeout)
+    return bool(ready)
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return str({k: round(float(v), 3) for k, v in sorted(resources.items()) if v > 0})
 
 
 def _root_cause(exc: BaseException) -> str:

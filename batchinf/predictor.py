@@ -53,6 +53,9 @@ class Predictor:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
 
+        for gpu in tf.config.list_physical_devices("GPU"):  # replicas may share one GPU
+            with contextlib.suppress(RuntimeError):
+                tf.config.experimental.set_memory_growth(gpu, True)
         if threads:
             tf.config.threading.set_intra_op_parallelism_threads(threads)
             tf.config.threading.set_inter_op_parallelism_threads(max(1, threads // 2))
@@ -119,6 +122,12 @@ class Predictor:
 
     def ready(self) -> bool:
         return True
+
+    def node_id(self) -> str:
+        """The Ray node this replica runs on (for placement checks and status)."""
+        import ray
+
+        return str(ray.get_runtime_context().get_node_id())
 
     def predict(self, batch: DecodedBatch) -> PredictedBatch:
         """Run the model on the rows that decoded; isolate rows the model itself rejects."""

@@ -16,6 +16,7 @@ class Progress:
     rows_this_run: int = 0
     started: float = field(default_factory=time.monotonic)
     startup_s: float = 0.0  # replica start and model load, before the first batch was sent
+    waiting: str | None = None  # what the job waits for (resources, replicas), if anything
 
     def begin_processing(self) -> None:
         """The replicas hold the model: from now on the clock measures images, not start-up."""

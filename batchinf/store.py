@@ -32,6 +32,7 @@ from batchinf.errors import (
     JobError,
     JobNotFound,
     NotFoundError,
+    OutputTaken,
     PreconditionFailed,
 )
 from batchinf.job import Job, JobSpec, JobState, check_transition, transition
@@ -98,15 +99,29 @@ class JobStore:
         a submitter that dies between the two writes leaves a key the next submit completes.
         """
         if spec.idempotency_key is None:
+            self._check_output_free(spec)
             for _ in range(5):  # ids collide only within one second, 1 in 16M: retrying is enough
                 job = Job.new(spec, now=now)
                 if self._write_new(job):
                     return job, True
             raise JobError("could not find a free job id")
+        key_uri = self._key_uri(spec.idempotency_key)
+        if not storage.exists(key_uri):
+            self._check_output_free(spec)
         job, created = self._claim_key(spec.idempotency_key, Job.new(spec, now=now))
         if not self._write_new(job):  # written already, by the key's first submitter
             job = self.get(job.job_id)
         return job, created
+
+    def _check_output_free(self, spec: JobSpec) -> None:
+        """Refuse a new job whose output a QUEUED or RUNNING job will write."""
+        wanted = spec.output.rstrip("/")
+        for job in self.list({JobState.QUEUED, JobState.RUNNING}):
+            if job.spec.output.rstrip("/") == wanted:
+                raise OutputTaken(
+                    f"output {spec.output} is taken by job {job.job_id} ({job.state.value}); "
+                    "choose another output, or cancel that job"
+                )
 
     def _claim_key(self, idempotency_key: str, job: Job) -> tuple[Job, bool]:
         """The job the key stands for (``job`` if this call took the key) and whether it did."""
@@ -237,6 +252,7 @@ class JobStore:
         ray_job_id: str | None = None,
         images_per_s: float | None = None,
         runner: dict[str, Any] | None = None,
+        waiting: str | None = None,
     ) -> Job:
         """Store a RUNNING job's row counts; the record (its runner reads ``cancel_requested``).
 
@@ -256,17 +272,21 @@ class JobStore:
                 job.images_per_s = round(images_per_s, 2)
             if runner is not None:
                 job.runner = runner
+            job.waiting = waiting
             return job
 
         return self.update(job_id, change)
 
     # -- the dispatcher's lease ----------------------------------------------------------------
 
-    def acquire_lease(self, owner: str, ttl_s: float) -> bool:
+    def acquire_lease(
+        self, owner: str, ttl_s: float, holder_gone: Callable[[str], bool] | None = None
+    ) -> bool:
         """Become (or stay) the one active dispatcher of this store for ``ttl_s`` seconds.
 
-        True if ``owner`` holds the lease now: it was free, expired, or already ``owner``'s.
-        Two dispatchers racing for an expired lease cannot both win (conditional writes).
+        True if ``owner`` holds the lease now: it was free, expired, already ``owner``'s, or
+        its holder is known to be dead (``holder_gone``). Two dispatchers racing for the lease
+        cannot both win (conditional writes).
         """
         uri = storage.join(self.root, "dispatcher.json")
         now = time.time()
@@ -280,7 +300,9 @@ class JobStore:
             except PreconditionFailed:
                 return False
         current = _decode(raw, uri)
-        if current.get("owner") != owner and float(current.get("expires_at", 0)) > now:
+        holder = str(current.get("owner"))
+        alive = float(current.get("expires_at", 0)) > now and not (holder_gone and holder_gone(holder))
+        if holder != owner and alive:
             return False
         try:
             storage.write_bytes(uri, record, if_match=etag)
@@ -300,6 +322,22 @@ class JobStore:
     def release_lease(self, owner: str) -> None:
         if self.lease_holder() == owner:
             storage.delete(storage.join(self.root, "dispatcher.json"))
+
+    # -- the embedded default's local Ray head -------------------------------------------------
+
+    def local_head(self) -> dict[str, Any] | None:
+        """The record of the local Ray head the lease holder runs for this store, if any."""
+        uri = storage.join(self.root, "local-head.json")
+        try:
+            return _decode(storage.read_bytes(uri), uri)
+        except NotFoundError:
+            return None
+
+    def remember_local_head(self, record: dict[str, Any]) -> None:
+        storage.write_bytes(storage.join(self.root, "local-head.json"), _encode(record))
+
+    def forget_local_head(self) -> None:
+        storage.delete(storage.join(self.root, "local-head.json"))
 
 
 __all__ = ["CAS_TRIES", "JobStore", "default_store_uri"]

@@ -14,8 +14,8 @@ import socket
 import time
 from collections.abc import Callable
 
-from batchinf.errors import BatchinfError, JobError
-from batchinf.job import Job, JobState, fail, transition
+from batchinf.errors import BatchinfError, InfrastructureError, JobError
+from batchinf.job import MAX_ATTEMPTS, Job, JobState, fail, retry_delay, retry_later, transition
 from batchinf.pipeline import run_job
 from batchinf.progress import Progress
 from batchinf.store import JobStore
@@ -31,22 +31,31 @@ class _RecordKeeper:
         self._job = job
         self._on_progress = on_progress
         self._last = 0.0
+        self._waiting: str | None = None
         self.cancel_requested = job.cancel_requested
 
     def progress(self, progress: Progress) -> None:
         if self._on_progress is not None:
             self._on_progress(progress)
-        if time.monotonic() - self._last >= RECORD_EVERY_S:
+        changed = progress.waiting != self._waiting or (
+            progress.rows_total is not None and self._job.rows_total is None
+        )
+        if changed or time.monotonic() - self._last >= RECORD_EVERY_S:
+            self._waiting = progress.waiting
             self._write(
-                progress.rows_done, progress.rows_failed, progress.rows_total, progress.images_per_s
+                progress.rows_done, progress.rows_failed, progress.rows_total,
+                progress.images_per_s, progress.waiting,
             )
 
     def should_stop(self) -> bool:
         if time.monotonic() - self._last >= RECORD_EVERY_S:
-            self._write(self._job.rows_done, self._job.rows_failed, self._job.rows_total)
+            job = self._job
+            self._write(job.rows_done, job.rows_failed, job.rows_total, None, self._waiting)
         return self.cancel_requested
 
-    def _write(self, done: int, failed: int, total: int | None, rate: float | None = None) -> None:
+    def _write(
+        self, done: int, failed: int, total: int | None, rate: float | None, waiting: str | None
+    ) -> None:
         self._last = time.monotonic()
         self._job = self._store.record_progress(
             self._job.job_id,
@@ -56,6 +65,7 @@ class _RecordKeeper:
             ray_job_id=self._job.ray_job_id,
             images_per_s=rate,
             runner=this_runner(),
+            waiting=waiting,
         )
         self.cancel_requested = self._job.cancel_requested
 
@@ -132,8 +142,15 @@ def run_claimed(
 
 
 def _failure(exc: BaseException) -> Callable[[Job], Job]:
+    """How an attempt that raised ends: retried later if the cluster failed it, else FAILED."""
     kind, message = type(exc).__name__, str(exc)
-    return lambda job: fail(job, kind, message)
+
+    def change(job: Job) -> Job:
+        if isinstance(exc, InfrastructureError) and job.attempt < MAX_ATTEMPTS:
+            return retry_later(job, f"{kind}: {message}", retry_delay(job.attempt))
+        return fail(job, kind, message)
+
+    return change
 
 
 def _finish(store: JobStore, job_id: str, run_id: str, change: Callable[[Job], Job]) -> Job:

@@ -17,6 +17,7 @@ from batchinf.job import (
     check_transition,
     fail,
     new_job_id,
+    retry_later,
     transition,
 )
 
@@ -31,21 +32,38 @@ def make_job(**spec: Any) -> Job:
 def test_stored_keys_are_pinned_so_old_records_stay_readable() -> None:
     data = make_job().to_dict()
     assert sorted(data) == [
-        "attempt", "cancel_requested", "created_at", "ended_at", "error", "images_per_s", "job_id",
-        "ray_address", "ray_job_id", "rows_done", "rows_failed", "rows_total", "runner", "spec",
-        "started_at", "state", "summary",
-        "updated_at",
+        "attempt", "attempts", "cancel_requested", "created_at", "ended_at", "error", "images_per_s",
+        "job_id", "ray_address", "ray_job_id", "retry_at", "rows_done", "rows_failed", "rows_total",
+        "runner", "spec", "started_at", "state", "summary", "updated_at", "waiting",
     ]  # fmt: skip
     assert sorted(data["spec"]) == [
         "batch_size", "cpus_per_replica", "decode_cpus", "gpus_per_replica", "idempotency_key", "manifest",
-        "max_error_rate", "model", "model_version", "output", "priority", "replicas_max",
-        "replicas_min", "shard_size", "top_k",
+        "max_error_rate", "model", "model_version", "output", "priority", "replica_resources",
+        "replicas_max", "replicas_min", "shard_size", "top_k",
     ]  # fmt: skip
 
 
 def test_record_round_trips_through_json() -> None:
     job = fail(transition(make_job(top_k=3), JobState.RUNNING, now=1001.0), "OSError", "disk")
     assert Job.from_dict(json.loads(json.dumps(job.to_dict()))) == job
+
+
+def test_a_record_without_the_newer_keys_still_reads() -> None:
+    job = make_job()
+    data = job.to_dict()
+    for key in ("attempts", "retry_at", "waiting"):
+        del data[key]
+    del data["spec"]["replica_resources"]
+    assert Job.from_dict(data) == job
+
+
+def test_each_attempt_that_ends_is_kept_with_its_reason() -> None:
+    running = transition(make_job(), JobState.RUNNING, now=1001.0)
+    requeued = retry_later(running, "InfrastructureError: node lost", 10.0, now=1002.0)
+    assert requeued.state is JobState.QUEUED and requeued.retry_at == 1012.0
+    failed = fail(transition(requeued, JobState.RUNNING, now=1020.0), "ModelError", "bad model")
+    assert [(a["attempt"], a["outcome"]) for a in failed.attempts] == [(1, "requeued"), (2, "failed")]
+    assert failed.attempts[0]["reason"] == "InfrastructureError: node lost"
 
 
 def test_from_dict_ignores_keys_written_by_a_newer_version() -> None:

@@ -1,0 +1,296 @@
+"""The resource plan: what each replica and decode task reserves, and where it can go.
+
+Planned per node, never per cluster total: a demand is only worth making if it fits whole on
+one node. The planner is pure (node resource dicts in, a ``Plan`` out), so any cluster shape can
+be tested without a cluster::
+
+    nodes (live: total and free resources)  ──►  sizes: CPUs per replica, CPUs per decode task
+    spec (replicas, CPUs, GPUs, resources)       how many replicas fit in what is free now
+    node types the autoscaler can add            why the rest waits, or why it never can
+
+Rules, in order:
+1. A replica needs its GPUs and custom resources (``--replica-resources``) whole on one node.
+   If no live node and no autoscaler node type has them, the job fails at once (``Infeasible``).
+2. Decode always keeps CPUs: at least ``min(1, half the roomiest node's CPUs)``. Replicas
+   shrink their CPU reservation (never below ``MIN_SHARE``) until the replicas and that much
+   decode fit side by side on the nodes.
+3. Replicas spread: each goes to the fitting node with the most free CPU.
+4. Decode goes where CPUs are left, nodes without the replicas' special resources (GPU nodes)
+   first; if those nodes can take all of it, decode is kept off the GPU nodes.
+5. The sizes come from what is free to this job now; if not even ``replicas_min`` fit beside
+   the jobs already running, the plan says so (``replicas_now == 0``) and the job waits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from batchinf.decode import DECODE_NICE, FETCH_THREADS
+from batchinf.errors import JobFailed
+from batchinf.job import JobSpec
+
+DECODE_CPUS_PER_GPU = 4.0  # docs/performance.md: a GPU replica outruns one CPU of decode ~10x
+MIN_SHARE = 0.1  # below this a reservation stops meaning anything
+_EPS = 1e-9
+
+
+class Infeasible(JobFailed):
+    """No node that exists, and no node the autoscaler can add, can ever hold this demand."""
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """One node as the planner sees it: its total resources and what is free on it now."""
+
+    node_id: str
+    total: dict[str, float]
+    free: dict[str, float]
+
+    def cpus(self, free: bool = True) -> float:
+        return float((self.free if free else self.total).get("CPU", 0.0))
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a job uses the cluster: sizes, counts, where decode should not go, what waits."""
+
+    replica: dict[str, float]  # what one replica reserves, e.g. {"CPU": 1.0, "GPU": 1.0}
+    decode_cpus: float  # what one decode task reserves
+    decode_tasks: int  # decode tasks kept running at once
+    replicas_now: int  # replicas that fit in what is free now (0: the job must wait)
+    replicas_max: int
+    tf_threads: int  # TensorFlow intra-op threads per replica: the CPUs it reserved
+    fetch_threads: int
+    decode_nice: int
+    avoid_nodes: tuple[str, ...] = ()  # decode stays off these (they hold the GPU replicas)
+    waiting: str | None = None  # why not every replica fits now
+    placement: dict[str, list[str]] = field(default_factory=dict)  # node -> ["replica", "decode"]
+
+    @property
+    def max_in_flight(self) -> int:
+        """Two batches per replica (one running, one ready) and one per decode task."""
+        return 2 * self.replicas_max + self.decode_tasks + 1
+
+    @property
+    def replica_cpus(self) -> float:
+        return self.replica.get("CPU", 0.0)
+
+    @property
+    def replica_gpus(self) -> float:
+        return self.replica.get("GPU", 0.0)
+
+    def bundles(self) -> list[dict[str, float]]:
+        """The reservation: one bundle per replica that fits now, one per decode task."""
+        replica = {k: v for k, v in self.replica.items() if v > 0}
+        return [dict(replica) for _ in range(self.replicas_now)] + [
+            {"CPU": self.decode_cpus} for _ in range(self.decode_tasks)
+        ]
+
+    def to_dict(self) -> dict[str, object]:
+        data = dataclasses.asdict(self)
+        data["max_in_flight"] = self.max_in_flight
+        data["avoid_nodes"] = list(self.avoid_nodes)
+        return data
+
+
+def special_needs(spec: JobSpec) -> dict[str, float]:
+    """What a replica needs besides CPU: its GPUs and custom resources."""
+    needs = dict(spec.replica_resources)
+    if spec.gpus_per_replica > 0:
+        needs["GPU"] = spec.gpus_per_replica
+    return needs
+
+
+def plan(
+    nodes: Sequence[NodeView], spec: JobSpec, node_types: Sequence[dict[str, float]] = ()
+) -> Plan:
+    """Plan ``spec`` on ``nodes`` (live) given what is free now; see the module docstring."""
+    needs = special_needs(spec)
+    wanted_decode = spec.decode_cpus or (
+        DECODE_CPUS_PER_GPU * spec.gpus_per_replica * spec.replicas_max
+        if spec.gpus_per_replica else 1.0
+    )
+    _check_feasible(nodes, needs, node_types)
+    for count, free in ((spec.replicas_max, True), (spec.replicas_min, True)):
+        found = _fit(nodes, spec, needs, count, wanted_decode, free=free)
+        if found is not None:
+            return _finish(found, spec, needs, count)
+    # Nothing fits in what is free: size against the nodes' totals, or with nodes the
+    # autoscaler can add, and wait for room; if neither can ever hold it, fail now.
+    found = _fit(nodes, spec, needs, spec.replicas_min, wanted_decode, free=False)
+    reason = "waiting for resources held by other jobs"
+    if found is None:
+        grown = list(nodes) + _virtual(node_types, copies=spec.replicas_min + 1)
+        found = _fit(grown, spec, needs, spec.replicas_min, wanted_decode, free=False)
+        reason = "waiting for the autoscaler to add a node"
+    if found is None:
+        raise Infeasible(
+            f"{spec.replicas_min} replica(s) needing {_describe(dict(needs, CPU=MIN_SHARE))} or "
+            f"more each, with decode CPUs beside them, do not fit on the cluster's nodes "
+            f"({', '.join(_offered(nodes, node_types))}); ask for fewer replicas or CPUs"
+        )
+    result = _finish(found, spec, needs, 0)
+    demand = _describe(result.replica)
+    return dataclasses.replace(
+        result, waiting=f"{reason}: {spec.replicas_min} replica(s) need {demand} each, "
+        f"with {result.decode_cpus * result.decode_tasks:g} CPU of decode beside them",
+    )
+
+
+@dataclass(frozen=True)
+class _Fit:
+    replica: dict[str, float]
+    decode_cpus: float
+    decode_tasks: int
+    placement: dict[str, list[str]]
+    avoid: tuple[str, ...]
+
+
+def _finish(found: _Fit, spec: JobSpec, needs: dict[str, float], count: int) -> Plan:
+    threads = os.environ.get("BATCHINF_TF_THREADS")
+    cpus = found.replica.get("CPU", 0.0)
+    waiting = None
+    if 0 < count < spec.replicas_max:
+        waiting = (
+            f"waiting for {spec.replicas_max - count} of {spec.replicas_max} replicas: "
+            f"needs {_describe(found.replica)}"
+        )
+    return Plan(
+        replica=found.replica,
+        decode_cpus=found.decode_cpus,
+        decode_tasks=found.decode_tasks,
+        replicas_now=count,
+        replicas_max=spec.replicas_max,
+        tf_threads=int(threads) if threads else max(1, math.ceil(cpus - _EPS)),
+        fetch_threads=int(os.environ.get("BATCHINF_FETCH_THREADS") or FETCH_THREADS),
+        decode_nice=int(os.environ.get("BATCHINF_DECODE_NICE") or DECODE_NICE),
+        avoid_nodes=found.avoid,
+        waiting=waiting,
+        placement=found.placement,
+    )
+
+
+def _check_feasible(
+    nodes: Sequence[NodeView], needs: dict[str, float], node_types: Sequence[dict[str, float]]
+) -> None:
+    """Fail now if no node, live or addable, can ever hold one replica or one decode task."""
+    shapes = [n.total for n in nodes] + list(node_types)
+    offered = _offered(nodes, node_types)
+    if not any(_has(shape, needs) and shape.get("CPU", 0) >= MIN_SHARE for shape in shapes):
+        raise Infeasible(
+            f"no node can ever hold a replica: it needs {_describe(dict(needs, CPU=MIN_SHARE))} "
+            f"on one node; the cluster's nodes and node types offer {', '.join(offered)}"
+        )
+    if not any(shape.get("CPU", 0) >= MIN_SHARE for shape in shapes):
+        raise Infeasible(f"no node has CPUs for decoding; nodes offer {', '.join(offered)}")
+
+
+def _fit(
+    nodes: Sequence[NodeView],
+    spec: JobSpec,
+    needs: dict[str, float],
+    count: int,
+    wanted_decode: float,
+    *,
+    free: bool,
+) -> _Fit | None:
+    """The largest replica CPU size at which ``count`` replicas and enough decode fit."""
+    if not nodes:
+        return None
+    roomiest = max(n.cpus(free) for n in nodes)
+    floor = min(1.0, wanted_decode, roomiest / 2)
+    if floor < MIN_SHARE:
+        return None
+    for cpus in _candidate_sizes(nodes, spec.cpus_per_replica, count, floor, free):
+        found = _pack(nodes, dict(needs, CPU=cpus), count, wanted_decode, floor, free)
+        if found is not None:
+            return found
+    return None
+
+
+def _candidate_sizes(
+    nodes: Sequence[NodeView], asked: float, count: int, floor: float, free: bool
+) -> list[float]:
+    """Replica CPU sizes to try, largest first: what was asked, then what ``m`` replicas on
+    one node leave beside a decode share (``(cpus - share) / m``)."""
+    if asked <= 0:
+        return [0.0]
+    sizes = {asked}
+    for node in nodes:
+        for m in range(1, count + 1):
+            for share in (0.0, floor, 0.5, 1.0):
+                sizes.add((node.cpus(free) - share) / m)
+    ok = {math.floor(1000 * min(s, asked)) / 1000 for s in sizes}
+    return sorted((s for s in ok if s >= MIN_SHARE or s == asked), reverse=True)
+
+
+def _pack(
+    nodes: Sequence[NodeView],
+    replica: dict[str, float],
+    count: int,
+    wanted_decode: float,
+    floor: float,
+    free: bool,
+) -> _Fit | None:
+    room = {n.node_id: dict(n.free if free else n.total) for n in nodes}
+    placement: dict[str, list[str]] = {n.node_id: [] for n in nodes}
+    for _ in range(count):
+        fitting = [n for n in nodes if _has(room[n.node_id], replica)]
+        if not fitting:
+            return None
+        best = max(fitting, key=lambda n: room[n.node_id].get("CPU", 0.0))
+        _take(room[best.node_id], replica)
+        placement[best.node_id].append("replica")
+    special = {k for k in replica if k != "CPU"}
+    plain = [n for n in nodes if not any(n.total.get(k, 0) > 0 for k in special)]
+    ordered = plain + [n for n in nodes if n not in plain]
+    left = max((room[n.node_id].get("CPU", 0.0) for n in nodes), default=0.0)
+    size = min(1.0, wanted_decode, left)
+    if size < min(floor, MIN_SHARE) or size <= 0:
+        return None
+    tasks, want = 0, max(1, math.floor(wanted_decode / size + _EPS))
+    used_plain = 0
+    for node in ordered:
+        while tasks < want and room[node.node_id].get("CPU", 0.0) >= size - _EPS:
+            _take(room[node.node_id], {"CPU": size})
+            placement[node.node_id].append("decode")
+            tasks += 1
+            used_plain += node in plain
+    if tasks * size < floor - _EPS:
+        return None
+    avoid: tuple[str, ...] = ()
+    if special and plain and used_plain == tasks:
+        avoid = tuple(n.node_id for n in nodes if n not in plain)
+    placement = {k: v for k, v in placement.items() if v}
+    return _Fit(replica, round(size, 4), tasks, placement, avoid)
+
+
+def _virtual(node_types: Sequence[dict[str, float]], copies: int) -> list[NodeView]:
+    return [
+        NodeView(f"node-type-{i}-{c}", dict(t), dict(t))
+        for i, t in enumerate(node_types)
+        for c in range(copies)
+    ]
+
+
+def _offered(nodes: Sequence[NodeView], node_types: Sequence[dict[str, float]]) -> list[str]:
+    shapes = [n.total for n in nodes] + list(node_types)
+    return sorted({_describe(s) for s in shapes}) or ["no nodes"]
+
+
+def _has(room: dict[str, float], demand: dict[str, float]) -> bool:
+    return all(room.get(k, 0.0) >= v - _EPS for k, v in demand.items() if v > 0)
+
+
+def _take(room: dict[str, float], demand: dict[str, float]) -> None:
+    for key, value in demand.items():
+        room[key] = room.get(key, 0.0) - value
+
+
+def _describe(resources: dict[str, float]) -> str:
+    shown = {k: round(float(v), 3) for k, v in sorted(resources.items()) if v > 0}
+    return str(shown)
