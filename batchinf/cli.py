@@ -170,7 +170,10 @@ def _ensure_dispatcher(job_store: Any, address: str | None, *, start: bool) -> b
     With none and ``start``, a local dispatcher (with its own local Ray) starts in the
     background and exits after a minute with nothing to do.
     """
-    if address or job_store.lease_holder() is not None:
+    from batchinf.dispatcher import holder_is_gone
+
+    holder = job_store.lease_holder()
+    if address or (holder is not None and not holder_is_gone(holder)):
         return True
     if not start:
         return False

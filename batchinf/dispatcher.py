@@ -193,6 +193,9 @@ class Dispatcher:
                         idle_since = time.monotonic()
                 else:
                     current = self.store.lease_holder()
+                    if idle_exit_s is not None and current is not None:
+                        reason = f"dispatcher {current} already serves {self.store.root}"
+                        break  # an on-demand dispatcher: the live one does the work
                     if current != holder:  # say it once, and again only when it changes
                         log.info("dispatcher %s holds the lease for %s; waiting", current,
                                  self.store.root)

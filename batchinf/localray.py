@@ -35,27 +35,41 @@ class LocalHead:
     jobs_address: str  # http://127.0.0.1:<dashboard port>
     gcs_address: str  # 127.0.0.1:<port>, for ray.init(address=...)
     temp_dir: str
+    client_port: int = 0  # the Ray Client server's port: the one process without the folder
 
     def processes(self) -> list[Any]:
-        """This head's processes (GCS, raylet, dashboard, workers), found by their temp folder."""
+        """This head's processes (GCS, raylet, dashboard, workers) and all they started.
+
+        Found by the temp folder in their command line, or (the Ray Client server) by its
+        port; agents and workers rename themselves, so they are found as children.
+        """
         import psutil
 
-        found = []
+        port = f"--port={self.client_port}"
+        found: dict[int, Any] = {}
         for process in psutil.process_iter(["cmdline"]):
             try:
-                if any(self.temp_dir in part for part in process.info["cmdline"] or []):
-                    found.append(process)
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                args = process.info["cmdline"] or []
+                mine = any(self.temp_dir in part for part in args) or (
+                    self.client_port and port in args and any("ray" in a for a in args)
+                )
+                if mine and process.pid != os.getpid():
+                    found[process.pid] = process
+                    found.update({c.pid: c for c in process.children(recursive=True)})
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
-        return found
+        found.pop(os.getpid(), None)
+        return list(found.values())
 
     def stop(self) -> None:
         """Kill this head's processes and remove its folder."""
         import psutil
 
-        for process in self.processes():
+        processes = self.processes()
+        for process in processes:
             with contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied):
                 process.kill()
+        psutil.wait_procs(processes, timeout=10)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def answers(self) -> bool:
@@ -74,7 +88,8 @@ class LocalHead:
 
     def to_dict(self) -> dict[str, str]:
         return {"jobs_address": self.jobs_address, "gcs_address": self.gcs_address,
-                "temp_dir": self.temp_dir, "host": socket.gethostname()}
+                "temp_dir": self.temp_dir, "client_port": self.client_port,
+                "host": socket.gethostname()}
 
 
 def token_hint() -> str:
@@ -95,7 +110,8 @@ def adopt_or_start(store: Any) -> LocalHead:
     """
     record = store.local_head()
     if record and record.get("host") == socket.gethostname():
-        old = LocalHead(record["jobs_address"], record["gcs_address"], record["temp_dir"])
+        old = LocalHead(record["jobs_address"], record["gcs_address"], record["temp_dir"],
+                        int(record.get("client_port", 0)))
         if old.processes() and old.answers():
             return old
         old.stop()
@@ -115,16 +131,17 @@ def start_head(num_cpus: int | None = None) -> LocalHead:
     ]
     # Every port free, not Ray's defaults: a second Ray on this machine (a developer's, a
     # test's) would otherwise hold the agent port, and the Jobs API would find no agent.
+    client_port = free_port()
+    command.append(f"--ray-client-server-port={client_port}")
     for option in (
         "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port",
-        "object-manager-port",
+        "runtime-env-agent-port", "node-manager-port", "object-manager-port",
     ):
         command.append(f"--{option}={free_port()}")
     if num_cpus is not None:
         command.append(f"--num-cpus={num_cpus}")
     done = subprocess.run(command, capture_output=True, text=True, timeout=180)
-    head = LocalHead(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", temp_dir)
+    head = LocalHead(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", temp_dir, client_port)
     if done.returncode != 0:
         head.stop()
         raise BatchinfError(f"ray start failed: {done.stderr.strip().splitlines()[-1:]}")

@@ -1,0 +1,175 @@
+"""Jobs on a real multi-node Ray cluster: placement, a CPU-less head, node loss, infeasible
+demands and pending reasons. The cluster (``tests/cluster.py``) is a head with no CPUs and
+1-CPU worker nodes on this machine, one with the ``gpu_node`` resource standing in for a GPU
+node type; the dispatcher runs as its own process against the head's Jobs API, as on a
+deployed cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from batchinf.job import Job, JobSpec, JobState
+from batchinf.store import JobStore
+from tests.cluster import LocalCluster
+from tests.conftest import write_manifest
+from tests.models import write_solid_image
+
+KNOBS = {
+    "BATCHINF_RETRY_DELAY": "2",
+    "BATCHINF_REPLICA_LOSS_TIMEOUT": "60",
+    "BATCHINF_STALL_TIMEOUT": "120",
+}
+
+ACTORS = """
+import json, ray
+from ray.util.state import list_actors
+ray.init(log_to_driver=False)
+found = list_actors(filters=[("class_name", "=", "Predictor")], limit=1000, detail=True)
+print(json.dumps([{"name": a.name, "node_id": a.node_id} for a in found]))
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalCluster]:
+    with LocalCluster(env=KNOBS) as c:
+        c.start_head(num_cpus=0)
+        c.add_nodes((1, None), (1, {"gpu_node": 1}))
+        yield c
+
+
+@pytest.fixture(scope="module")
+def store(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobStore]:
+    """A job store served by ``batchinf dispatcher`` running against the cluster."""
+    root = str(tmp_path_factory.mktemp("cluster-store"))
+    log = open(os.path.join(root, "dispatcher.log"), "wb")  # noqa: SIM115 - lives with the fixture
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchinf.cli", "dispatcher", "--address", cluster.jobs_address,
+         "--store", root, "--poll", "1"],
+        env={**cluster.client_env(), **KNOBS}, stdout=log, stderr=log,
+    )
+    yield JobStore.from_uri(root)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> str:
+    folder = tmp_path_factory.mktemp("cluster-images")
+    rows = []
+    for i in range(400):
+        write_solid_image(str(folder / "img" / f"{i}.png"), (i % 256, 90, 30))
+        rows.append([str(folder / "img" / f"{i}.png"), str(i)])
+    return write_manifest(folder / "manifest.csv", ["uri", "n"], rows)
+
+
+def until(predicate: Any, timeout: float = 240.0, every: float = 0.5) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")
+
+
+def finished(store: JobStore, job: Job, timeout: float = 300.0) -> Job:
+    return until(lambda: (j := store.get(job.job_id)).state.terminal and j, timeout)
+
+
+def rows(output: str) -> list[str]:
+    return sorted(pq.read_table(output, columns=["n"]).column("n").to_pylist(), key=int)
+
+
+def replica_nodes(cluster: LocalCluster, job: Job) -> list[str]:
+    actors = json.loads(cluster.run_python(ACTORS).splitlines()[-1])
+    return [a["node_id"] for a in actors if (a["name"] or "").startswith(job.job_id)]
+
+
+def test_replicas_spread_across_nodes_and_the_cpu_less_head_takes_none(
+    cluster: LocalCluster, store: JobStore, image_model: str, images: str, tmp_path: Any
+) -> None:
+    job, _ = store.create(JobSpec(images, image_model, str(tmp_path / "out"), replicas_min=2,
+                                  replicas_max=2, batch_size=16, shard_size=100))
+    done = finished(store, job)
+    assert done.state is JobState.SUCCEEDED, done.error
+    assert rows(str(tmp_path / "out")) == [str(i) for i in range(400)]
+    head, plain, gpu = cluster.nodes[:3]
+    assert sorted(replica_nodes(cluster, job)) == sorted([plain.node_id, gpu.node_id])
+    assert done.summary["resources"]["replica"] == {"CPU": 0.5}
+
+
+def test_replica_resources_pin_replicas_to_the_node_that_has_them(
+    cluster: LocalCluster, store: JobStore, image_model: str, images: str, tmp_path: Any
+) -> None:
+    job, _ = store.create(JobSpec(images, image_model, str(tmp_path / "out"), batch_size=32,
+                                  replica_resources={"gpu_node": 1.0}))
+    done = finished(store, job)
+    assert done.state is JobState.SUCCEEDED, done.error
+    assert replica_nodes(cluster, job) == [cluster.nodes[2].node_id]
+
+
+def test_an_infeasible_demand_fails_fast_naming_it(
+    store: JobStore, image_model: str, images: str, tmp_path: Any
+) -> None:
+    started = time.monotonic()
+    job, _ = store.create(JobSpec(images, image_model, str(tmp_path / "out"), gpus_per_replica=1.0))
+    done = finished(store, job, timeout=120)
+    assert done.state is JobState.FAILED and done.error["type"] == "Infeasible"
+    assert "'GPU': 1.0" in done.error["message"] and done.attempt == 1  # not retried
+    assert time.monotonic() - started < 60
+
+
+def test_a_replica_that_cannot_be_placed_shows_why_and_the_job_goes_on(
+    store: JobStore, image_model: str, images: str, tmp_path: Any
+) -> None:
+    job, _ = store.create(JobSpec(images, image_model, str(tmp_path / "out"), batch_size=4,
+                                  replicas_min=1, replicas_max=2,
+                                  replica_resources={"gpu_node": 1.0}))
+    seen = until(lambda: store.get(job.job_id).waiting, timeout=120)
+    assert seen == "waiting for 1 of 2 replicas: needs {'CPU': 1.0, 'gpu_node': 1.0}"
+    status = subprocess.run([sys.executable, "-m", "batchinf.cli", "status", job.job_id,
+                             "--store", store.root], capture_output=True, text=True)
+    assert "waiting   waiting for 1 of 2 replicas" in status.stdout
+    assert store.get(job.job_id).rows_total == 400  # known before any row is done
+    assert finished(store, job).state is JobState.SUCCEEDED
+
+
+def test_a_worker_node_lost_mid_job_costs_no_row_and_no_error(
+    cluster: LocalCluster, store: JobStore, image_model: str, images: str, tmp_path: Any
+) -> None:
+    victim = cluster.add_node(1)
+    output = str(tmp_path / "out")
+    long = _repeated(images, 4, tmp_path / "long.csv")  # 1,600 rows, one image a batch
+    job, _ = store.create(JobSpec(long, image_model, output, replicas_min=3, replicas_max=3,
+                                  batch_size=1, shard_size=40))
+    until(lambda: store.get(job.job_id).rows_done >= 40)
+    assert victim.node_id in replica_nodes(cluster, job)
+    cluster.kill(victim)
+    assert store.get(job.job_id).rows_done < 1600  # the loss really was mid-job
+    done = finished(store, job)
+    assert done.state is JobState.SUCCEEDED, done.error
+    assert rows(output) == [str(i) for i in range(1600)]
+    assert done.rows_failed == 0 and done.summary["errors_by_kind"] == {}
+    assert done.summary["batches_redone"] >= 1 and done.attempt == 1  # healed within the attempt
+
+
+def _repeated(manifest: str, times: int, path: Any) -> str:
+    """The manifest's images ``times`` over, numbered on: a longer job from the same files."""
+    import csv
+
+    with open(manifest, newline="", encoding="utf-8") as f:
+        uris = [row["uri"] for row in csv.DictReader(f)]
+    every = [[uri, str(n)] for n, uri in enumerate(uris * times)]
+    return write_manifest(path, ["uri", "n"], every)
