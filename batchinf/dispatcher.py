@@ -226,16 +226,10 @@ def knobs() -> dict[str, str]:
 
 def holder_is_gone(owner: str) -> bool:
     """True when a lease ``owner`` (``host:pid``) is a process on this host that has exited."""
+    from batchinf.localray import process_is_gone
+
     host, _, pid = owner.rpartition(":")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return pid.isdigit() and process_is_gone(host, int(pid))
 
 
 class _StopOnSignal:

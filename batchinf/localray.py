@@ -180,3 +180,21 @@ def _forget_probe(client: Any, submission_id: str, timeout_s: float = 30.0) -> N
                 client.delete_job(submission_id)
                 return
         time.sleep(0.2)
+
+
+def process_is_gone(host: str, pid: int) -> bool:
+    """True when ``pid`` on ``host`` is known to have ended: only decidable on this host.
+
+    A killed process whose parent is gone may linger as a zombie where nothing reaps it;
+    that counts as ended.
+    """
+    import psutil
+
+    if host != socket.gethostname() or pid <= 0:
+        return False
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.AccessDenied:
+        return False

@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 from batchinf.errors import BatchinfError, InfrastructureError, JobError
 from batchinf.job import MAX_ATTEMPTS, Job, JobState, fail, retry_delay, retry_later, transition
+from batchinf.localray import process_is_gone
 from batchinf.pipeline import run_job
 from batchinf.progress import Progress
 from batchinf.store import JobStore
@@ -78,15 +79,7 @@ def this_runner() -> dict[str, object]:
 def runner_is_gone(job: Job) -> bool:
     """True when the job's runner was on this host and its process no longer exists."""
     runner = job.runner or {}
-    if runner.get("host") != socket.gethostname() or not runner.get("pid"):
-        return False
-    try:
-        os.kill(int(runner["pid"]), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return process_is_gone(str(runner.get("host")), int(runner.get("pid") or 0))
 
 
 def execute(

@@ -1,0 +1,117 @@
+"""The embedded default with several CLI commands at once: one dispatcher, one local head.
+
+Each test runs ``batchinf`` as separate processes with a private HOME and store, as a user's
+shell or cron would, and finds the processes it caused by their command lines.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import psutil
+import pytest
+
+from batchinf.job import JobState
+from batchinf.localray import LocalHead
+from batchinf.store import JobStore
+from tests.conftest import write_manifest
+from tests.models import write_solid_image
+
+
+@pytest.fixture()
+def shell(tmp_path: Any) -> dict[str, str]:
+    """The environment of a user with their own home and store and no cluster address."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    (tmp_path / "home").mkdir()
+    return {**env, "HOME": str(tmp_path / "home"), "BATCHINF_STORE": str(tmp_path / "store")}
+
+
+def submit(shell: dict[str, str], manifest: str, model: str, output: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "batchinf.cli", "submit", manifest, "--model", model,
+         "--output", output, "--json"],
+        env=shell, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def dispatchers(store: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        args = p.info["cmdline"] or []
+        if "dispatcher" in args and store in args:
+            found.append(p)
+    return found
+
+
+def heads_since(started: float) -> set[str]:
+    """Temp folders of the Ray heads (GCS servers) started on this machine since ``started``."""
+    temp_dirs = set()
+    for p in psutil.process_iter(["cmdline", "create_time", "name"]):
+        args = p.info["cmdline"] or []
+        if p.info["create_time"] >= started - 1 and any("gcs_server" in a for a in args[:1]):
+            temp_dirs |= {a.split("/session")[0].split("=")[-1] for a in args if "/bi-ray-" in a}
+    return temp_dirs
+
+
+def until(predicate: Any, timeout: float = 300.0) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := predicate():
+            return value
+        time.sleep(0.5)
+    raise AssertionError("timed out waiting")
+
+
+def test_jobs_submitted_at_once_share_one_dispatcher_and_one_head_which_survives_it(
+    shell: dict[str, str], image_model: str, tmp_path: Any
+) -> None:
+    rows = []
+    for i in range(24):
+        write_solid_image(str(tmp_path / "img" / f"{i}.png"), (i * 10, 20, 200))
+        rows.append([str(tmp_path / "img" / f"{i}.png")])
+    manifest = write_manifest(tmp_path / "m.csv", ["uri"], rows)
+    store = JobStore.from_uri(shell["BATCHINF_STORE"])
+    started = time.time()
+
+    commands = [submit(shell, manifest, image_model, str(tmp_path / f"out{i}")) for i in range(3)]
+    ids = [json.loads(c.communicate(timeout=60)[0])["job_id"] for c in commands]
+    until(lambda: all(store.get(i).state.terminal for i in ids))
+    assert [store.get(i).state for i in ids] == [JobState.SUCCEEDED] * 3
+    assert len(dispatchers(store.root)) == 1 and len(heads_since(started)) == 1
+
+    # A dispatcher killed outright: the next command's dispatcher adopts its head.
+    os.kill(dispatchers(store.root)[0].pid, signal.SIGKILL)
+    head = store.local_head()
+    fourth = json.loads(submit(shell, manifest, image_model, str(tmp_path / "out3"))
+                        .communicate(timeout=60)[0])["job_id"]
+    assert until(lambda: store.get(fourth).state.terminal) and store.get(fourth).state is JobState.SUCCEEDED
+    assert store.local_head() == head and len(heads_since(started)) == 1
+
+    # SIGTERM: the dispatcher stops its head and says why it exits.
+    (last,) = dispatchers(store.root)
+    last.send_signal(signal.SIGTERM)
+    last.wait(timeout=60)
+    assert head is not None and not LocalHead(head["jobs_address"], head["gcs_address"],
+                                              head["temp_dir"], head["client_port"]).processes()
+    with open(os.path.join(shell["HOME"], ".batchinf-dispatcher.log"), encoding="utf-8") as f:
+        log = f.read()
+    assert "exits: signal SIGTERM" in log and store.local_head() is None
+
+
+def test_a_second_job_for_an_output_in_use_is_refused_at_submit(
+    shell: dict[str, str], image_model: str, tmp_path: Any
+) -> None:
+    manifest = write_manifest(tmp_path / "m.csv", ["uri"], [["a.png"]])
+    argv = [sys.executable, "-m", "batchinf.cli", "submit", manifest, "--model", image_model,
+            "--output", str(tmp_path / "out")]
+    env = {**shell, "RAY_ADDRESS": "http://127.0.0.1:9"}  # queue only: no dispatcher starts
+    first = subprocess.run(argv, env=env, capture_output=True, text=True)
+    second = subprocess.run(argv, env=env, capture_output=True, text=True)
+    assert first.returncode == 0 and second.returncode == 2
+    assert second.stderr.startswith("batchinf: output ") and "is taken by job bi-" in second.stderr
