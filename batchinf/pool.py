@@ -158,12 +158,16 @@ class PredictorPool:
             self._starting[actor.ready.remote()] = actor
         deadline = time.monotonic() + START_TIMEOUT_S
         while len(self._busy) < self._spec.replicas_min:
+            self._on_wait(
+                f"starting replicas: {len(self._busy)} of {self._spec.replicas_max} hold the model"
+            )
             if time.monotonic() > deadline:
                 raise JobFailed(
                     f"only {len(self._busy)} of {self._spec.replicas_min} replicas started within "
                     f"{START_TIMEOUT_S:.0f}s"
                 )
             self.refresh(timeout=1.0)
+        self._on_wait(None)
         first = next(iter(self._busy))
         return ray.get(first.describe.remote())
 

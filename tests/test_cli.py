@@ -165,3 +165,15 @@ def test_the_demo_classifies_held_out_digits(ray_local, tmp_path, monkeypatch):
     assert report["rows"] == 360 and report["errors"] == 0
     assert report["accuracy"] >= 0.9
     assert JobStore.from_uri(None).get(report["job_id"]).state is JobState.SUCCEEDED
+
+
+def test_cron_progress_prints_every_interval_even_when_nothing_moves(capsys) -> None:
+    from batchinf.display import ProgressDisplay, Snapshot
+
+    stuck = Snapshot(400, 0, 0, 0.0, waiting="waiting for 1 of 2 replicas: needs {'GPU': 1.0}")
+    with ProgressDisplay("bi-x", every_s=0.0) as display:
+        display.update(stuck)
+        display.update(stuck)
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 3 and all("0/400 rows" in line for line in lines)
+    assert lines[0].endswith("; waiting for 1 of 2 replicas: needs {'GPU': 1.0}")

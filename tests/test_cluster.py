@@ -27,8 +27,10 @@ from tests.models import write_solid_image
 
 KNOBS = {
     "BATCHINF_RETRY_DELAY": "2",
-    "BATCHINF_REPLICA_LOSS_TIMEOUT": "60",
+    "BATCHINF_REPLICA_LOSS_TIMEOUT": "20",
     "BATCHINF_STALL_TIMEOUT": "120",
+    # What an autoscaler could add: 1-CPU "spot" nodes (tests add them by hand).
+    "BATCHINF_NODE_TYPES": '[{"CPU": 1, "spot": 1}]',
 }
 
 ACTORS = """
@@ -163,6 +165,26 @@ def test_a_worker_node_lost_mid_job_costs_no_row_and_no_error(
     assert rows(output) == [str(i) for i in range(1600)]
     assert done.rows_failed == 0 and done.summary["errors_by_kind"] == {}
     assert done.summary["batches_redone"] >= 1 and done.attempt == 1  # healed within the attempt
+
+
+def test_every_replica_lost_is_retried_as_a_new_attempt_once_a_node_returns(
+    cluster: LocalCluster, store: JobStore, image_model: str, images: str, tmp_path: Any
+) -> None:
+    spot = cluster.add_nodes((1, {"spot": 1}), (1, {"spot": 1}))
+    output = str(tmp_path / "out")
+    long = _repeated(images, 4, tmp_path / "long.csv")
+    job, _ = store.create(JobSpec(long, image_model, output, batch_size=1, shard_size=40,
+                                  replica_resources={"spot": 1.0}))
+    until(lambda: store.get(job.job_id).rows_done >= 40)
+    for node in spot:  # both spot nodes preempted: no node left that a replica may use
+        cluster.kill(node)
+    retried = until(lambda: (j := store.get(job.job_id)).attempt == 2 and j.waiting and j)
+    assert "waiting for the autoscaler to add a node" in retried.waiting
+    assert retried.attempts[0]["reason"].startswith("InfrastructureError: no model replica")
+    cluster.add_node(1, {"spot": 1})  # what the autoscaler would do
+    done = finished(store, job)
+    assert done.state is JobState.SUCCEEDED and done.attempt == 2, done.error
+    assert rows(output) == [str(i) for i in range(1600)] and done.rows_failed == 0
 
 
 def _repeated(manifest: str, times: int, path: Any) -> str:

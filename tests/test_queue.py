@@ -130,7 +130,8 @@ def test_cancel_mid_run_then_resume_redoes_only_missing_shards(dispatcher, store
     assert sorted(_output_rows(output), key=int) == [str(i) for i in range(300)]
 
 
-def test_a_killed_driver_is_requeued_and_finishes_exactly_once(dispatcher, store, image_model, many_images, tmp_path):
+def test_a_killed_driver_is_requeued_and_finishes_exactly_once(dispatcher, store, image_model, many_images, tmp_path, monkeypatch):
+    monkeypatch.setenv("BATCHINF_RETRY_DELAY", "1")
     output = str(tmp_path / "out")
     job, _ = store.create(JobSpec(many_images, image_model, output, batch_size=1, shard_size=20))
     dispatcher.tick()
@@ -138,6 +139,7 @@ def test_a_killed_driver_is_requeued_and_finishes_exactly_once(dispatcher, store
     os.kill(running.runner["pid"], signal.SIGKILL)
     done = _drive(dispatcher, job.job_id)
     assert done.state is JobState.SUCCEEDED and done.attempt == 2
+    assert "(driver or its node lost)" in done.attempts[0]["reason"]
     assert sorted(_output_rows(output), key=int) == [str(i) for i in range(300)]
 
 
