@@ -160,6 +160,12 @@ PIPELINES: dict[str, Pipeline] = {
             setup=lambda ctx: contextlib.nullcontext({"BATCHINF_TF_THREADS": "1"}),
         ),
         Pipeline(
+            "batchinf-allcores",
+            "batchinf-local with TensorFlow on every core, not just the CPUs the replica reserved",
+            _batchinf("batchinf-allcores"),
+            setup=lambda ctx: contextlib.nullcontext({"BATCHINF_TF_THREADS": str(os.cpu_count())}),
+        ),
+        Pipeline(
             "batchinf-s3",
             "batchinf submit --wait, manifest, images, model and output on S3 (moto, 127.0.0.1)",
             _batchinf("batchinf-s3", s3=True),

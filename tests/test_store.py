@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 import pytest
 
 from batchinf import storage
-from batchinf.errors import IllegalTransition, JobNotFound
+from batchinf.errors import IllegalTransition, JobNotFound, OutputTaken
 from batchinf.job import Job, JobSpec, JobState, transition
 from batchinf.store import JobStore, default_store_uri
 
@@ -26,9 +26,9 @@ def store(request: pytest.FixtureRequest, tmp_path: Any) -> JobStore:
 
 
 def spec(**overrides: Any) -> JobSpec:
-    return JobSpec(
-        manifest="s3://in/manifest.csv", model="/models/mnv2", output="/out", **overrides
-    )
+    fields: dict[str, Any] = {"manifest": "s3://in/manifest.csv", "model": "/models/mnv2",
+                              "output": "/out", **overrides}
+    return JobSpec(**fields)
 
 
 def race(n: int, fn: Callable[[int], T]) -> list[T]:
@@ -60,11 +60,19 @@ def test_get_of_an_unknown_or_malformed_id_raises_job_not_found(store: JobStore)
 
 
 def test_list_is_oldest_first_and_filters_by_state(store: JobStore) -> None:
-    ids = [store.create(spec(), now=t)[0].job_id for t in (30.0, 10.0, 20.0)]
+    ids = [store.create(spec(output=f"/out{t}"), now=t)[0].job_id for t in (30.0, 10.0, 20.0)]
     store.request_cancel(ids[2])
     assert [j.job_id for j in store.list()] == [ids[1], ids[2], ids[0]]
     assert [j.job_id for j in store.list({JobState.QUEUED})] == [ids[1], ids[0]]
     assert [j.job_id for j in store.list({"CANCELLED"})] == [ids[2]]
+
+
+def test_an_output_taken_by_a_queued_job_is_refused_until_that_job_ends(store: JobStore) -> None:
+    first, _ = store.create(spec())
+    with pytest.raises(OutputTaken, match=f"taken by job {first.job_id} .QUEUED."):
+        store.create(spec(output="/out/"))
+    store.request_cancel(first.job_id)
+    assert store.create(spec())[1] is True
 
 
 def test_idempotency_key_returns_the_first_job(store: JobStore) -> None:
