@@ -86,17 +86,25 @@ def _absolute(uri: str) -> str:
 
 @app.command()
 def submit(
-    manifest: Annotated[str, typer.Argument(help="CSV with a 'uri' column: a path or s3:// URI.")],
-    model: Annotated[str, typer.Option(help="Model folder (TF Serving layout or SavedModel).")],
-    output: Annotated[str, typer.Option(help="Output folder or s3:// prefix for Parquet parts.")],
-    top_k: Annotated[int, typer.Option(help="Predictions kept per image.")] = 5,
-    batch_size: Annotated[int, typer.Option(help="Images per model call.")] = 64,
-    replicas: Annotated[str, typer.Option(help="Model replicas: N or MIN:MAX.")] = "1",
-    gpus_per_replica: Annotated[float, typer.Option(help="GPUs each replica reserves.")] = 0.0,
-    cpus_per_replica: Annotated[float, typer.Option(help="CPUs each replica reserves.")] = 1.0,
+    manifest: Annotated[
+        str,
+        typer.Argument(help="CSV with a 'uri' column (a path or s3:// URI), or a job spec "
+                       "(jobs/*.yaml) whose options apply unless given here."),
+    ],
+    model: Annotated[str | None, typer.Option(help="Model folder (TF Serving layout or SavedModel).")] = None,
+    output: Annotated[str | None, typer.Option(help="Output folder or s3:// prefix for Parquet parts.")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Predictions kept per image [default: 5].")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per model call [default: 64].")] = None,
+    replicas: Annotated[str | None, typer.Option(help="Model replicas: N or MIN:MAX [default: 1].")] = None,
+    gpus_per_replica: Annotated[float | None, typer.Option(help="GPUs each replica reserves [default: 0].")] = None,
+    cpus_per_replica: Annotated[
+        float | None,
+        typer.Option(help="Most CPUs each replica reserves [default: what its node has left "
+                     "beside decode; 1 for GPU replicas]."),
+    ] = None,
     decode_cpus: Annotated[
         float | None,
-        typer.Option(help="CPUs kept decoding for the job [default: 1, or 4 per GPU].")
+        typer.Option(help="CPUs kept decoding for the job [default: 0.5, or 4 per GPU].")
     ] = None,
     replica_resources: Annotated[
         str | None,
@@ -104,13 +112,20 @@ def submit(
                      "replicas to the node type that has them."),
     ] = None,
     model_version: Annotated[int | None, typer.Option(help="Model version [default: highest].")] = None,
-    shard_size: Annotated[int, typer.Option(help="Rows per committed Parquet part.")] = 1024,
+    shard_size: Annotated[int | None, typer.Option(help="Rows per committed Parquet part [default: 1024].")] = None,
     max_error_rate: Annotated[
-        float, typer.Option(help="Fail the job if more than this fraction of rows fail.")
-    ] = 1.0,
-    priority: Annotated[int, typer.Option(help="Higher runs first.")] = 0,
+        float | None,
+        typer.Option(help="Fail the job if more than this fraction of rows fail [default: 1].")
+    ] = None,
+    priority: Annotated[int | None, typer.Option(help="Higher runs first [default: 0].")] = None,
     idempotency_key: Annotated[
-        str | None, typer.Option(help="A second submit with this key returns the first job.")
+        str | None,
+        typer.Option(help="A second submit with this key returns the first job [default for a "
+                     "job spec: <name>-<date>]."),
+    ] = None,
+    date: Annotated[
+        str | None,
+        typer.Option(help="The date a job spec's {date} stands for, YYYY-MM-DD [default: today]."),
     ] = None,
     wait: Annotated[bool, typer.Option("--wait", help="Run or follow the job to its end.")] = False,
     store: StoreOption = None,
@@ -118,29 +133,19 @@ def submit(
     as_json: JsonOption = False,
 ) -> None:
     """Submit a job: classify every image in MANIFEST and write predictions to OUTPUT."""
-    from batchinf.job import JobSpec, JobState
+    from batchinf.job import JobState
     from batchinf.store import JobStore
 
-    low, high = parse_replicas(replicas)
-    spec = JobSpec(
-        manifest=_absolute(manifest),
-        model=_absolute(model),
-        output=_absolute(output),
-        top_k=top_k,
-        batch_size=batch_size,
-        replicas_min=low,
-        replicas_max=high,
-        gpus_per_replica=gpus_per_replica,
-        cpus_per_replica=cpus_per_replica,
-        decode_cpus=decode_cpus,
-        model_version=model_version,
-        max_error_rate=max_error_rate,
-        shard_size=shard_size,
-        priority=priority,
-        idempotency_key=idempotency_key,
-        replica_resources=parse_resources(replica_resources),
-    )
-    spec.validate()
+    given = {
+        "model": model, "output": output, "top_k": top_k, "batch_size": batch_size,
+        "replicas": replicas, "gpus_per_replica": gpus_per_replica,
+        "cpus_per_replica": cpus_per_replica, "decode_cpus": decode_cpus,
+        "replica_resources": parse_resources(replica_resources) if replica_resources else None,
+        "model_version": model_version, "shard_size": shard_size,
+        "max_error_rate": max_error_rate, "priority": priority,
+        "idempotency_key": idempotency_key,
+    }
+    spec = _build_spec(manifest, given, date)
     from batchinf.manifest import read_columns
     from batchinf.model import resolve_model
 
@@ -161,6 +166,32 @@ def submit(
         _follow(job_store, job.job_id, as_json)
     else:
         _run_here(job_store, job.job_id, as_json)
+
+
+def _build_spec(source: str, given: dict[str, Any], date: str | None) -> Any:
+    """A JobSpec from a manifest and options, or from a job spec file with options on top."""
+    from batchinf import jobfile
+    from batchinf.job import JobSpec
+
+    values: dict[str, Any] = {"manifest": source}
+    if jobfile.is_spec(source):
+        values = jobfile.load(source, jobfile.parse_date(date))
+        values.pop("name")
+    elif date is not None:
+        raise UsageError("--date applies to a job spec (jobs/*.yaml), not to a manifest")
+    values.update({k: v for k, v in given.items() if v is not None})
+    for option in ("manifest", "model", "output"):
+        if not values.get(option):
+            raise UsageError(f"missing --{option}: give it on the command line or in the job spec")
+    low, high = parse_replicas(str(values.pop("replicas", 1)))
+    for option in ("manifest", "model", "output"):
+        values[option] = _absolute(str(values[option]))
+    try:
+        spec = JobSpec(replicas_min=low, replicas_max=high, **values)
+    except TypeError as exc:
+        raise UsageError(f"bad job spec value: {exc}") from exc
+    spec.validate()
+    return spec
 
 
 def _ensure_dispatcher(job_store: Any, address: str | None, *, start: bool) -> bool:
@@ -231,6 +262,9 @@ def _show_final(job: Any, as_json: bool) -> None:
         typer.echo(json.dumps(job.to_dict(), indent=2))
     else:
         typer.echo(_describe(job))
+    if job.state is not JobState.SUCCEEDED:  # one line for cron's mail and for alerting
+        error = f": {job.error['type']}: {job.error['message']}" if job.error else ""
+        typer.echo(f"batchinf: job {job.job_id} {job.state.value}{error}", err=True)
     if job.state is JobState.CANCELLED:
         raise typer.Exit(EXIT_CANCELLED)
     if job.state is not JobState.SUCCEEDED:

@@ -72,8 +72,8 @@ class JobSpec:
     replicas_min: int = 1
     replicas_max: int = 1
     gpus_per_replica: float = 0.0
-    cpus_per_replica: float = 1.0
-    decode_cpus: float | None = None  # None: 1 beside CPU replicas, 4 per GPU (pool.py)
+    cpus_per_replica: float | None = None  # None: the node's CPUs beside decode (planner.py)
+    decode_cpus: float | None = None  # None: 0.5 beside CPU replicas, 4 per GPU (planner.py)
     model_version: int | None = None
     max_error_rate: float = 1.0  # 1.0: row errors never fail the job
     shard_size: int = 1024
@@ -97,7 +97,7 @@ class JobSpec:
             raise UsageError(f"--shard-size must be at least 1, got {self.shard_size}")
         if self.decode_cpus is not None and self.decode_cpus <= 0:
             raise UsageError(f"--decode-cpus must be above 0, got {self.decode_cpus}")
-        if self.gpus_per_replica < 0 or self.cpus_per_replica < 0:
+        if self.gpus_per_replica < 0 or (self.cpus_per_replica or 0) < 0:
             raise UsageError("--gpus-per-replica and --cpus-per-replica cannot be negative")
         for name, amount in self.replica_resources.items():
             if name in ("CPU", "GPU", "memory") or amount <= 0:

@@ -11,9 +11,12 @@ be tested without a cluster::
 Rules, in order:
 1. A replica needs its GPUs and custom resources (``--replica-resources``) whole on one node.
    If no live node and no autoscaler node type has them, the job fails at once (``Infeasible``).
-2. Decode always keeps CPUs: at least ``min(1, half the roomiest node's CPUs)``. Replicas
-   shrink their CPU reservation (never below ``MIN_SHARE``) until the replicas and that much
-   decode fit side by side on the nodes.
+2. Decode always keeps CPUs: what was asked (``--decode-cpus``; by default half a CPU beside
+   CPU replicas, ``DECODE_CPUS_PER_GPU`` per GPU), or at least half the roomiest node's CPUs.
+   Replicas reserve up to ``--cpus-per-replica`` (by default: all a node has left beside
+   decode, shared by the replicas on it; one CPU for a GPU replica) and shrink (never below
+   ``MIN_SHARE``) until the replicas and decode fit side by side on the nodes. TensorFlow gets
+   one thread per reserved CPU, so a replica that reserves the node uses the node.
 3. Replicas spread: each goes to the fitting node with the most free CPU.
 4. Decode goes where CPUs are left, nodes without the replicas' special resources (GPU nodes)
    first; if those nodes can take all of it, decode is kept off the GPU nodes.
@@ -34,6 +37,7 @@ from batchinf.errors import JobFailed
 from batchinf.job import JobSpec
 
 DECODE_CPUS_PER_GPU = 4.0  # docs/performance.md: a GPU replica outruns one CPU of decode ~10x
+DECODE_CPUS_BESIDE_CPU_REPLICAS = 0.5  # a CPU model spends ~10x decode's CPU per image
 MIN_SHARE = 0.1  # below this a reservation stops meaning anything
 _EPS = 1e-9
 
@@ -112,7 +116,7 @@ def plan(
     needs = special_needs(spec)
     wanted_decode = spec.decode_cpus or (
         DECODE_CPUS_PER_GPU * spec.gpus_per_replica * spec.replicas_max
-        if spec.gpus_per_replica else 1.0
+        if spec.gpus_per_replica else DECODE_CPUS_BESIDE_CPU_REPLICAS
     )
     _check_feasible(nodes, needs, node_types)
     for count, free in ((spec.replicas_max, True), (spec.replicas_min, True)):
@@ -202,29 +206,37 @@ def _fit(
     if not nodes:
         return None
     roomiest = max(n.cpus(free) for n in nodes)
-    floor = min(1.0, wanted_decode, roomiest / 2)
+    floor = min(wanted_decode, roomiest / 2)
     if floor < MIN_SHARE:
         return None
-    for cpus in _candidate_sizes(nodes, spec.cpus_per_replica, count, floor, free):
+    for cpus in _candidate_sizes(nodes, asked_cpus(spec), count, floor, free, wanted_decode):
         found = _pack(nodes, dict(needs, CPU=cpus), count, wanted_decode, floor, free)
         if found is not None:
             return found
     return None
 
 
+def asked_cpus(spec: JobSpec) -> float:
+    """The most CPUs a replica may reserve: the option, else one for GPU replicas, else all."""
+    if spec.cpus_per_replica is not None:
+        return spec.cpus_per_replica
+    return 1.0 if spec.gpus_per_replica else math.inf
+
+
 def _candidate_sizes(
-    nodes: Sequence[NodeView], asked: float, count: int, floor: float, free: bool
+    nodes: Sequence[NodeView], asked: float, count: int, floor: float, free: bool,
+    wanted: float = 0.0,
 ) -> list[float]:
     """Replica CPU sizes to try, largest first: what was asked, then what ``m`` replicas on
     one node leave beside a decode share (``(cpus - share) / m``)."""
     if asked <= 0:
         return [0.0]
-    sizes = {asked}
+    sizes = {asked} if math.isfinite(asked) else set()
     for node in nodes:
         for m in range(1, count + 1):
-            for share in (0.0, floor, 0.5, 1.0):
+            for share in (0.0, floor, 0.5, 1.0, wanted):
                 sizes.add((node.cpus(free) - share) / m)
-    ok = {math.floor(1000 * min(s, asked)) / 1000 for s in sizes}
+    ok = {math.floor(1000 * min(s, asked)) / 1000 for s in sizes if s > 0}
     return sorted((s for s in ok if s >= MIN_SHARE or s == asked), reverse=True)
 
 

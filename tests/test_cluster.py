@@ -38,7 +38,8 @@ import json, ray
 from ray.util.state import list_actors
 ray.init(log_to_driver=False)
 found = list_actors(filters=[("class_name", "=", "Predictor")], limit=1000, detail=True)
-print(json.dumps([{"name": a.name, "node_id": a.node_id} for a in found]))
+print(json.dumps([{"name": a.name, "node_id": a.node_id, "pid": a.pid, "state": a.state}
+                  for a in found]))
 """
 
 
@@ -94,9 +95,14 @@ def rows(output: str) -> list[str]:
     return sorted(pq.read_table(output, columns=["n"]).column("n").to_pylist(), key=int)
 
 
-def replica_nodes(cluster: LocalCluster, job: Job) -> list[str]:
+def replicas(cluster: LocalCluster, job: Job) -> list[dict[str, Any]]:
+    """The job's predictor actors as the state API lists them (name, node, pid, state)."""
     actors = json.loads(cluster.run_python(ACTORS).splitlines()[-1])
-    return [a["node_id"] for a in actors if (a["name"] or "").startswith(job.job_id)]
+    return [a for a in actors if (a["name"] or "").startswith(job.job_id)]
+
+
+def replica_nodes(cluster: LocalCluster, job: Job) -> list[str]:
+    return [a["node_id"] for a in replicas(cluster, job)]
 
 
 def test_replicas_spread_across_nodes_and_the_cpu_less_head_takes_none(
@@ -147,6 +153,20 @@ def test_a_replica_that_cannot_be_placed_shows_why_and_the_job_goes_on(
     assert "waiting   waiting for 1 of 2 replicas" in status.stdout
     assert store.get(job.job_id).rows_total == 400  # known before any row is done
     assert finished(store, job).state is JobState.SUCCEEDED
+
+
+def test_a_replica_process_killed_mid_job_is_restarted_and_its_batches_redone(
+    cluster: LocalCluster, store: JobStore, image_model: str, images: str, tmp_path: Any
+) -> None:
+    output = str(tmp_path / "out")
+    job, _ = store.create(JobSpec(images, image_model, output, batch_size=1, shard_size=40))
+    until(lambda: (j := store.get(job.job_id)).rows_done >= 40 and j.waiting is None)
+    (replica,) = [a for a in replicas(cluster, job) if a["state"] == "ALIVE"]
+    os.kill(replica["pid"], signal.SIGKILL)
+    done = finished(store, job)
+    assert done.state is JobState.SUCCEEDED and done.attempt == 1, done.error
+    assert rows(output) == [str(i) for i in range(400)] and done.rows_failed == 0
+    assert done.summary["batches_redone"] >= 1
 
 
 def test_a_worker_node_lost_mid_job_costs_no_row_and_no_error(

@@ -62,10 +62,20 @@ def test_the_deadlocked_two_node_case_now_plans_half_cpu_replicas() -> None:
     assert sorted(p.placement) == ["n0", "n1"]  # one replica on each node
 
 
-def test_one_replica_on_the_embedded_two_cpus_keeps_a_whole_cpu_for_decode() -> None:
+def test_one_replica_on_the_embedded_two_cpus_takes_what_decode_leaves_and_two_threads() -> None:
     p = plan(nodes({"CPU": 2}), spec())
-    assert (p.replica_cpus, p.decode_cpus, p.decode_tasks, p.tf_threads) == (1.0, 1.0, 1, 1)
+    assert (p.replica_cpus, p.decode_cpus, p.decode_tasks, p.tf_threads) == (1.5, 0.5, 1, 2)
     assert p.max_in_flight == 4
+
+
+def test_cpus_per_replica_caps_the_replica_and_leaves_the_rest_free() -> None:
+    p = plan(nodes({"CPU": 8}), spec(cpus_per_replica=1.0))
+    assert (p.replica_cpus, p.decode_cpus, p.tf_threads) == (1.0, 0.5, 1)
+
+
+def test_an_asked_decode_share_is_kept_before_replicas_grow() -> None:
+    p = plan(nodes({"CPU": 4}), spec(decode_cpus=2.0))
+    assert (p.replica_cpus, p.decode_cpus * p.decode_tasks) == (2.0, 2.0)
 
 
 def test_gpu_replicas_go_to_gpu_nodes_and_decode_stays_off_them() -> None:
@@ -123,7 +133,7 @@ def test_a_job_beside_a_running_one_plans_from_what_is_free() -> None:
 
 def test_when_nothing_is_free_the_job_waits_and_says_why() -> None:
     p = plan(nodes({"CPU": 2}, used={0: {"CPU": 2}}), spec())
-    assert p.replicas_now == 0 and p.bundles()[0] == {"CPU": 1.0}
+    assert p.replicas_now == 0 and p.replica == {"CPU": 1.5}
     assert (p.waiting or "").startswith("waiting for resources held by other jobs")
 
 
