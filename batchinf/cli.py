@@ -468,6 +468,10 @@ def dispatcher(
     idle_exit: Annotated[
         float | None, typer.Option(help="Exit after this many idle seconds [default: never].")
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(help="Serve queue depth (batchinf_jobs) for Prometheus on 127.0.0.1:PORT."),
+    ] = None,
 ) -> None:
     """Run the dispatcher: launch queued jobs as Ray jobs, requeue orphans (runs on the head)."""
     import logging
@@ -479,7 +483,8 @@ def dispatcher(
     if max_running < 1:
         raise UsageError("--max-running must be at least 1")
     job_store = JobStore.from_uri(store)
-    Dispatcher(job_store, address or None, max_running=max_running).serve(poll, idle_exit)
+    Dispatcher(job_store, address or None, max_running=max_running,
+               metrics_port=metrics_port).serve(poll, idle_exit)
 
 
 @app.command(hidden=True)

@@ -74,9 +74,11 @@ class Dispatcher:
     max_running: int = 2
     python: str = sys.executable
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
+    metrics_port: int | None = None  # serve batchinf_jobs (queue depth) for Prometheus here
 
     def __post_init__(self) -> None:
         self.head: Any = None
+        self._queue_gauge: Any = None
         self.client: Any = jobs_client(self.address) if self.address else None
 
     def connect(self) -> None:
@@ -104,7 +106,9 @@ class Dispatcher:
 
     def tick(self) -> list[str]:
         """One round: reconcile, enforce cancels, launch; the Ray job ids launched."""
-        jobs = self.store.list({JobState.QUEUED, JobState.RUNNING})
+        everything = self.store.list()
+        self._export_queue(everything)
+        jobs = [j for j in everything if j.state in (JobState.QUEUED, JobState.RUNNING)]
         running = [j for j in jobs if j.state is JobState.RUNNING]
         for job in running:
             self._reconcile(job)
@@ -120,6 +124,23 @@ class Dispatcher:
             if ray_job_id:
                 launched.append(ray_job_id)
         return launched
+
+    def _export_queue(self, jobs: list[Job]) -> None:
+        """Queue depth by state, on ``metrics_port`` for Prometheus (the dispatcher is no Ray
+        driver: joining the cluster would list it on the dashboard's Jobs page)."""
+        if self.metrics_port is None:
+            return
+        if self._queue_gauge is None:
+            from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+            registry = CollectorRegistry()
+            self._queue_gauge = Gauge("batchinf_jobs", "Jobs in the store, by state.",
+                                      ["state"], registry=registry)
+            start_http_server(self.metrics_port, addr="127.0.0.1", registry=registry)
+        for state in JobState:
+            self._queue_gauge.labels(state=state.value).set(
+                sum(1 for j in jobs if j.state is state)
+            )
 
     def _reconcile(self, job: Job) -> None:
         if not job.ray_job_id or job.ray_job_id.startswith("local-"):

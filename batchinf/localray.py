@@ -36,6 +36,7 @@ class LocalHead:
     gcs_address: str  # 127.0.0.1:<port>, for ray.init(address=...)
     temp_dir: str
     client_port: int = 0  # the Ray Client server's port: the one process without the folder
+    metrics_port: int = 0  # where this node's Prometheus metrics are served (/metrics)
 
     def processes(self) -> list[Any]:
         """This head's processes (GCS, raylet, dashboard, workers) and all they started.
@@ -89,7 +90,7 @@ class LocalHead:
     def to_dict(self) -> dict[str, str]:
         return {"jobs_address": self.jobs_address, "gcs_address": self.gcs_address,
                 "temp_dir": self.temp_dir, "client_port": self.client_port,
-                "host": socket.gethostname()}
+                "metrics_port": self.metrics_port, "host": socket.gethostname()}
 
 
 def token_hint() -> str:
@@ -111,7 +112,7 @@ def adopt_or_start(store: Any) -> LocalHead:
     record = store.local_head()
     if record and record.get("host") == socket.gethostname():
         old = LocalHead(record["jobs_address"], record["gcs_address"], record["temp_dir"],
-                        int(record.get("client_port", 0)))
+                        int(record.get("client_port", 0)), int(record.get("metrics_port", 0)))
         if old.processes() and old.answers():
             return old
         old.stop()
@@ -131,17 +132,18 @@ def start_head(num_cpus: int | None = None) -> LocalHead:
     ]
     # Every port free, not Ray's defaults: a second Ray on this machine (a developer's, a
     # test's) would otherwise hold the agent port, and the Jobs API would find no agent.
-    client_port = free_port()
-    command.append(f"--ray-client-server-port={client_port}")
+    client_port, metrics_port = free_port(), free_port()
+    command += [f"--ray-client-server-port={client_port}", f"--metrics-export-port={metrics_port}"]
     for option in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
         "runtime-env-agent-port", "node-manager-port", "object-manager-port",
     ):
         command.append(f"--{option}={free_port()}")
     if num_cpus is not None:
         command.append(f"--num-cpus={num_cpus}")
     done = subprocess.run(command, capture_output=True, text=True, timeout=180)
-    head = LocalHead(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", temp_dir, client_port)
+    head = LocalHead(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", temp_dir, client_port,
+                     metrics_port)
     if done.returncode != 0:
         head.stop()
         raise BatchinfError(f"ray start failed: {done.stderr.strip().splitlines()[-1:]}")

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from batchinf import manifest, sink, storage
+from batchinf import manifest, metrics, sink, storage
 from batchinf.decode import decode_batch
 from batchinf.errors import BatchinfError, InfrastructureError, JobFailed, ModelError, UsageError
 from batchinf.job import JobSpec
@@ -60,6 +60,7 @@ class _Batch:
     uris: list[str]
     actor: Any
     tries: int = 1
+    sent_at: float = 0.0
 
 
 class JobRunner:
@@ -121,6 +122,8 @@ class JobRunner:
             cancelled = self._stream(pool, committed, progress)
             if not cancelled:  # a cancelled replica's queue may still hold batches: don't wait
                 self._busy = pool.busy_seconds()
+                for number, busy in enumerate(self._busy):
+                    metrics.replica_busy(self.job_id, str(number), busy / max(progress.elapsed, 1e-9))
         finally:
             pool.stop()
         summary = self._summary(source, columns, progress, reserved)
@@ -160,6 +163,7 @@ class JobRunner:
     def _send(self, pool: PredictorPool, batch: _Batch) -> None:
         """Decode a batch and hand it to the least busy ready replica."""
         batch.actor = pool.pick()
+        batch.sent_at = time.monotonic()
         self._in_flight[batch.actor.predict.remote(self._decode(batch.uris))] = batch
         pool.sent(batch.actor)
 
@@ -187,6 +191,7 @@ class JobRunner:
                 self._redo(pool, batch, exc)
                 continue
             self._last_batch = time.monotonic()
+            self._measure(result, self._last_batch - batch.sent_at)
             batch.work.results[batch.number] = result
             batch.work.waiting -= 1
             self._record(result, progress)
@@ -220,6 +225,12 @@ class JobRunner:
         if reason != progress.waiting:
             progress.waiting = reason
         self._on_progress(progress)
+
+    def _measure(self, batch: PredictedBatch, seconds: float) -> None:
+        kinds: dict[str, int] = {}
+        for kind, _ in batch.errors.values():
+            kinds[kind] = kinds.get(kind, 0) + 1
+        metrics.batch_done(self.job_id, self._run_info.model_name, batch.size, kinds, seconds)
 
     def _record(self, batch: PredictedBatch, progress: Progress) -> None:
         for kind, _ in batch.errors.values():

@@ -14,6 +14,7 @@ import socket
 import time
 from collections.abc import Callable
 
+from batchinf import metrics
 from batchinf.errors import BatchinfError, InfrastructureError, JobError
 from batchinf.job import MAX_ATTEMPTS, Job, JobState, fail, retry_delay, retry_later, transition
 from batchinf.localray import process_is_gone
@@ -154,4 +155,9 @@ def _finish(store: JobStore, job_id: str, run_id: str, change: Callable[[Job], J
             return job
         return change(job)
 
-    return store.update(job_id, guarded)
+    ended = store.update(job_id, guarded)
+    if ended.attempts and ended.attempts[-1].get("run_id") == run_id:
+        last = ended.attempts[-1]
+        reason = (last.get("reason") or "ok").split(":", 1)[0]  # the error type, not the text
+        metrics.job_outcome(last["outcome"], reason)
+    return ended

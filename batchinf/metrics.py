@@ -1,0 +1,79 @@
+"""Ray metrics for the dashboard's Metrics view and Prometheus, all named ``batchinf_*``.
+
+Ray exports them from every process that records them, with its own ``ray_`` prefix (so
+``batchinf_images_processed`` is scraped as ``ray_batchinf_images_processed_total``)::
+
+    batchinf_images_processed      counter    job_id, model     rows done (ok or failed)
+    batchinf_rows_failed           counter    job_id, error_kind
+    batchinf_batch_latency_seconds histogram  model             one batch: sent to a replica -> back
+    batchinf_replica_busy_ratio    gauge      job_id, replica   share of time inside the model
+    batchinf_jobs                  gauge      state             jobs in the store, by state (dispatcher)
+    batchinf_job_outcomes          counter    state, reason     attempts ended: succeeded, failed,
+                                                                cancelled, requeued
+
+Nothing is created at import: metrics are made on first use, in the process that records them,
+and recording never fails a job (a process without Ray records nothing).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from functools import cache
+from typing import Any
+
+LATENCY_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+
+
+@cache
+def _metric(name: str) -> Any:
+    from ray.util import metrics
+
+    made: dict[str, Any] = {
+        "batchinf_images_processed": lambda: metrics.Counter(
+            name, description="Images (manifest rows) processed, ok or failed.",
+            tag_keys=("job_id", "model")),
+        "batchinf_rows_failed": lambda: metrics.Counter(
+            name, description="Rows written with an error, by error_kind.",
+            tag_keys=("job_id", "error_kind")),
+        "batchinf_batch_latency_seconds": lambda: metrics.Histogram(
+            name, description="Seconds from sending a batch to a replica to its result.",
+            boundaries=LATENCY_BOUNDARIES, tag_keys=("model",)),
+        "batchinf_replica_busy_ratio": lambda: metrics.Gauge(
+            name, description="Share of the job's processing time a replica spent in the model.",
+            tag_keys=("job_id", "replica")),
+        "batchinf_jobs": lambda: metrics.Gauge(
+            name, description="Jobs in the store, by state.", tag_keys=("state",)),
+        "batchinf_job_outcomes": lambda: metrics.Counter(
+            name, description="Job attempts ended, by how they ended.",
+            tag_keys=("state", "reason")),
+    }
+    return made[name]()
+
+
+def _record(name: str, method: str, value: float, tags: dict[str, str]) -> None:
+    with contextlib.suppress(Exception):  # metrics must never fail a job
+        import ray
+
+        if ray.is_initialized():
+            getattr(_metric(name), method)(value, tags=tags)
+
+
+def batch_done(job_id: str, model: str, rows: int, failed_by_kind: dict[str, int], seconds: float) -> None:
+    """One batch came back: its rows, its failed rows by kind, its latency."""
+    _record("batchinf_images_processed", "inc", rows, {"job_id": job_id, "model": model})
+    for kind, count in failed_by_kind.items():
+        _record("batchinf_rows_failed", "inc", count, {"job_id": job_id, "error_kind": kind})
+    _record("batchinf_batch_latency_seconds", "observe", seconds, {"model": model})
+
+
+def replica_busy(job_id: str, replica: str, ratio: float) -> None:
+    _record("batchinf_replica_busy_ratio", "set", ratio, {"job_id": job_id, "replica": replica})
+
+
+def queue_depth(counts: dict[str, int]) -> None:
+    for state, count in counts.items():
+        _record("batchinf_jobs", "set", count, {"state": state})
+
+
+def job_outcome(state: str, reason: str) -> None:
+    _record("batchinf_job_outcomes", "inc", 1, {"state": state, "reason": reason})
