@@ -64,3 +64,17 @@ def test_the_dispatcher_serves_queue_depth_by_state(ray_head: Any, tmp_path: Any
     text = scrape(f"http://127.0.0.1:{port}/metrics")
     assert sample(text, "batchinf_jobs", state="CANCELLED") == 2
     assert sample(text, "batchinf_jobs", state="QUEUED") == 0
+
+
+def test_the_grafana_dashboard_charts_every_metric_and_only_those() -> None:
+    import json
+    import os
+
+    from batchinf import metrics
+
+    path = os.path.join(os.path.dirname(__file__), "..", "deploy", "grafana", "batchinf.json")
+    with open(path, encoding="utf-8") as f:
+        exprs = " ".join(t["expr"] for p in json.load(f)["panels"] for t in p["targets"])
+    charted = set(re.findall(r"\b(?:ray_)?(batchinf_[a-z_]+?)(?:_total|_bucket)?\b", exprs))
+    declared = set(re.findall(r'^    (batchinf_[a-z_]+) ', metrics.__doc__ or "", re.M))
+    assert charted == declared and len(declared) == 6
