@@ -94,6 +94,8 @@ class PredictorPool:
         self._actors: list[Any] = []
         self._starting: dict[Any, Any] = {}  # ready() ref -> actor not yet (or no longer) ready
         self._busy: dict[Any, int] = {}  # ready actor -> batches sent and not yet back
+        self._lost: dict[Any, float] = {}  # lost actor -> when to ask again if it is back
+        self._ever_ready: set[Any] = set()
         self._none_ready_since: float | None = None
 
     @property
@@ -188,6 +190,11 @@ class PredictorPool:
         """Let replicas that have loaded the model (or come back) take work."""
         import ray
 
+        now = time.monotonic()
+        for actor, when in list(self._lost.items()):
+            if when <= now:  # ask a lost replica again whether Ray has restarted it
+                del self._lost[actor]
+                self._starting[actor.ready.remote()] = actor
         if self._starting:
             ready, _ = ray.wait(list(self._starting), num_returns=len(self._starting), timeout=timeout)
             for ref in ready:
@@ -195,12 +202,14 @@ class PredictorPool:
                 try:
                     ray.get(ref)
                 except ray.exceptions.RayActorError as exc:
-                    if getattr(exc, "actor_init_failed", False):
+                    if getattr(exc, "actor_init_failed", False) and actor not in self._ever_ready:
                         raise ModelError(f"a model replica failed to start: {_root_cause(exc)}") from exc
-                    continue  # restarts used up: the job goes on with the others
+                    self._lost[actor] = time.monotonic() + 2.0  # restarting, or gone for good
+                    continue
                 except ray.exceptions.RayError as exc:
                     raise ModelError(f"a model replica failed to start: {_root_cause(exc)}") from exc
                 self._busy[actor] = 0
+                self._ever_ready.add(actor)
         self._check_some_alive()
 
     def _check_some_alive(self) -> None:
@@ -241,7 +250,7 @@ class PredictorPool:
     def lost(self, actor: Any) -> None:
         """A call on ``actor`` failed with it: no more work for it until it answers again."""
         if self._busy.pop(actor, None) is not None:
-            self._starting[actor.ready.remote()] = actor
+            self._lost[actor] = time.monotonic() + 1.0
 
     def busy_seconds(self) -> list[float]:
         """Seconds each ready replica has spent inside the model (best effort: [] on failure)."""
@@ -278,6 +287,7 @@ class PredictorPool:
         self._actors.clear()
         self._starting.clear()
         self._busy.clear()
+        self._lost.clear()
 
 
 def _selectors(current: Plan) -> list[dict[str, str]]:

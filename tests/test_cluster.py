@@ -159,13 +159,15 @@ def test_a_replica_process_killed_mid_job_is_restarted_and_its_batches_redone(
     cluster: LocalCluster, store: JobStore, image_model: str, images: str, tmp_path: Any
 ) -> None:
     output = str(tmp_path / "out")
-    job, _ = store.create(JobSpec(images, image_model, output, batch_size=1, shard_size=40))
+    long = _repeated(images, 4, tmp_path / "long.csv")  # 1,600 rows, one image a batch
+    job, _ = store.create(JobSpec(long, image_model, output, batch_size=1, shard_size=40))
     until(lambda: (j := store.get(job.job_id)).rows_done >= 40 and j.waiting is None)
     (replica,) = [a for a in replicas(cluster, job) if a["state"] == "ALIVE"]
     os.kill(replica["pid"], signal.SIGKILL)
+    assert store.get(job.job_id).rows_done < 1600  # killed mid-job
     done = finished(store, job)
     assert done.state is JobState.SUCCEEDED and done.attempt == 1, done.error
-    assert rows(output) == [str(i) for i in range(400)] and done.rows_failed == 0
+    assert rows(output) == [str(i) for i in range(1600)] and done.rows_failed == 0
     assert done.summary["batches_redone"] >= 1
 
 
