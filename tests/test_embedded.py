@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,14 +50,10 @@ def dispatchers(store: str) -> list[psutil.Process]:
     return found
 
 
-def heads_since(started: float) -> set[str]:
-    """Temp folders of the Ray heads (GCS servers) started on this machine since ``started``."""
-    temp_dirs = set()
-    for p in psutil.process_iter(["cmdline", "create_time", "name"]):
-        args = p.info["cmdline"] or []
-        if p.info["create_time"] >= started - 1 and any("gcs_server" in a for a in args[:1]):
-            temp_dirs |= {a.split("/session")[0].split("=")[-1] for a in args if "/bi-ray-" in a}
-    return temp_dirs
+def heads_started(home: str) -> set[str]:
+    """Dashboard addresses of the local heads this user's dispatchers ran (from their log)."""
+    with open(os.path.join(home, ".batchinf-dispatcher.log"), encoding="utf-8") as f:
+        return set(re.findall(r"local Ray head: dashboard and Jobs API at (\S+)", f.read()))
 
 
 def until(predicate: Any, timeout: float = 300.0) -> Any:
@@ -77,13 +74,12 @@ def test_jobs_submitted_at_once_share_one_dispatcher_and_one_head_which_survives
         rows.append([str(tmp_path / "img" / f"{i}.png")])
     manifest = write_manifest(tmp_path / "m.csv", ["uri"], rows)
     store = JobStore.from_uri(shell["BATCHINF_STORE"])
-    started = time.time()
 
     commands = [submit(shell, manifest, image_model, str(tmp_path / f"out{i}")) for i in range(3)]
     ids = [json.loads(c.communicate(timeout=60)[0])["job_id"] for c in commands]
     until(lambda: all(store.get(i).state.terminal for i in ids))
     assert [store.get(i).state for i in ids] == [JobState.SUCCEEDED] * 3
-    assert len(dispatchers(store.root)) == 1 and len(heads_since(started)) == 1
+    assert len(dispatchers(store.root)) == 1 and len(heads_started(shell["HOME"])) == 1
 
     # A dispatcher killed outright: the next command's dispatcher adopts its head.
     os.kill(dispatchers(store.root)[0].pid, signal.SIGKILL)
@@ -91,7 +87,7 @@ def test_jobs_submitted_at_once_share_one_dispatcher_and_one_head_which_survives
     fourth = json.loads(submit(shell, manifest, image_model, str(tmp_path / "out3"))
                         .communicate(timeout=60)[0])["job_id"]
     assert until(lambda: store.get(fourth).state.terminal) and store.get(fourth).state is JobState.SUCCEEDED
-    assert store.local_head() == head and len(heads_since(started)) == 1
+    assert store.local_head() == head and len(heads_started(shell["HOME"])) == 1
 
     # SIGTERM: the dispatcher stops its head and says why it exits.
     (last,) = dispatchers(store.root)
