@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,15 +74,20 @@ class LocalHead:
         psutil.wait_procs(processes, timeout=10)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
-    def answers(self) -> bool:
-        """True when its Jobs API responds (the head is alive and usable)."""
+    def answers(self, tries: int = 3) -> bool:
+        """True when its Jobs API responds (the head is alive and usable); patient, since a
+        busy machine can be slow to answer and a wrong "no" would stop a working head."""
+        import time
         import urllib.request
 
-        try:
-            with urllib.request.urlopen(f"{self.jobs_address}/api/version", timeout=5) as reply:
-                return bool(reply.status == 200)
-        except OSError:
-            return False
+        for attempt in range(tries):
+            try:
+                with urllib.request.urlopen(f"{self.jobs_address}/api/version", timeout=5) as reply:
+                    return bool(reply.status == 200)
+            except OSError:
+                if attempt + 1 < tries:
+                    time.sleep(2)
+        return False
 
     def token_hint(self) -> str:
         """Where the dashboard's login token is (Ray 2.60 asks for it), without showing it."""
@@ -116,13 +122,17 @@ def adopt_or_start(store: Any) -> LocalHead:
         if old.processes() and old.answers():
             return old
         old.stop()
-    head = start_head()
-    store.remember_local_head(head.to_dict())
-    return head
+    return start_head(on_start=lambda head: store.remember_local_head(head.to_dict()))
 
 
-def start_head(num_cpus: int | None = None) -> LocalHead:
-    """Start a one-node Ray cluster on free ports; returns how to reach and stop it."""
+def start_head(
+    num_cpus: int | None = None, on_start: Callable[[LocalHead], None] | None = None
+) -> LocalHead:
+    """Start a one-node Ray cluster on free ports; returns how to reach and stop it.
+
+    ``on_start`` gets the head before ``ray start`` runs, so a caller killed while the head
+    comes up has already recorded where to find (and stop) its processes.
+    """
     gcs, dashboard = free_port(), free_port()
     temp_dir = tempfile.mkdtemp(prefix="bi-ray-", dir="/tmp")
     ray = os.path.join(os.path.dirname(sys.executable), "ray")
@@ -141,9 +151,11 @@ def start_head(num_cpus: int | None = None) -> LocalHead:
         command.append(f"--{option}={free_port()}")
     if num_cpus is not None:
         command.append(f"--num-cpus={num_cpus}")
-    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
     head = LocalHead(f"http://127.0.0.1:{dashboard}", f"127.0.0.1:{gcs}", temp_dir, client_port,
                      metrics_port)
+    if on_start is not None:
+        on_start(head)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=180)
     if done.returncode != 0:
         head.stop()
         raise BatchinfError(f"ray start failed: {done.stderr.strip().splitlines()[-1:]}")
