@@ -43,14 +43,33 @@ _ENDED = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
 def jobs_client(address: str) -> Any:
-    """A Ray Jobs API client for ``address`` (``http://head:8265``), errors translated."""
-    if os.path.exists(os.path.expanduser("~/.ray/auth_token")) or os.environ.get("RAY_AUTH_TOKEN"):
-        os.environ.setdefault("RAY_AUTH_MODE", "token")  # Ray 2.60 clusters require the token
+    """A Ray Jobs API client for ``address`` (``http://head:8265``), errors translated.
+
+    Ray 2.60 clusters may require their auth token. It is sent as a header read from where
+    Ray keeps it (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``), which
+    works whenever Ray was first imported, unlike ``RAY_AUTH_MODE`` (read once, at import).
+    """
+    token = ray_auth_token()
+    if token:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ray.job_submission import JobSubmissionClient
+
     try:
-        return JobSubmissionClient(address)
+        headers = {"Authorization": f"Bearer {token}"} if token else None
+        return JobSubmissionClient(address, headers=headers)
     except Exception as exc:
         raise BatchinfError(f"cannot reach the Ray Jobs API at {address}: {exc}") from exc
+
+
+def ray_auth_token() -> str | None:
+    """The Ray auth token this machine is set up with, if any (never logged or stored)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), os.path.expanduser("~/.ray/auth_token")):
+        if path and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                return f.read().strip() or None
+    return None
 
 
 def _requeue_if(job: Job, ray_job_id: str) -> Job:

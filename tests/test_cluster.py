@@ -142,16 +142,16 @@ def test_an_infeasible_demand_fails_fast_naming_it(
 def test_a_replica_that_cannot_be_placed_shows_why_and_the_job_goes_on(
     store: JobStore, image_model: str, images: str, tmp_path: Any
 ) -> None:
-    job, _ = store.create(JobSpec(images, image_model, str(tmp_path / "out"), batch_size=4,
+    long = _repeated(images, 4, tmp_path / "long.csv")  # long enough to ask while it runs
+    job, _ = store.create(JobSpec(long, image_model, str(tmp_path / "out"), batch_size=2,
                                   replicas_min=1, replicas_max=2,
                                   replica_resources={"gpu_node": 1.0}))
-    seen = until(lambda: (store.get(job.job_id).waiting or "").startswith("waiting for"), 120)
-    assert store.get(job.job_id).waiting == "waiting for 1 of 2 replicas: needs {'CPU': 1.0, 'gpu_node': 1.0}"
-    assert seen
+    seen = until(lambda: (w := store.get(job.job_id).waiting or "").startswith("waiting for") and w)
+    assert seen == "waiting for 1 of 2 replicas: needs {'CPU': 1.0, 'gpu_node': 1.0}"
     status = subprocess.run([sys.executable, "-m", "batchinf.cli", "status", job.job_id,
                              "--store", store.root], capture_output=True, text=True)
     assert "waiting   waiting for 1 of 2 replicas" in status.stdout
-    assert store.get(job.job_id).rows_total == 400  # known before any row is done
+    assert store.get(job.job_id).rows_total == 1600  # known before any row is done
     assert finished(store, job).state is JobState.SUCCEEDED
 
 

@@ -13,7 +13,6 @@ from batchinf.job import JobSpec
 from batchinf.localray import free_port
 from batchinf.pipeline import run_job
 from batchinf.store import JobStore
-from tests.conftest import write_manifest
 
 
 def scrape(url: str) -> str:
