@@ -177,3 +177,17 @@ def test_cron_progress_prints_every_interval_even_when_nothing_moves(capsys) -> 
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 3 and all("0/400 rows" in line for line in lines)
     assert lines[0].endswith("; waiting for 1 of 2 replicas: needs {'GPU': 1.0}")
+
+
+def test_a_job_over_its_error_budget_exits_1_with_one_line_on_stderr(image_model, tmp_path):
+    (tmp_path / "m.csv").write_text("uri\nmissing-a.png\nmissing-b.png\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(tmp_path), BATCHINF_STORE=str(tmp_path / "store"))
+    done = subprocess.run(
+        [sys.executable, "-m", "batchinf.cli", "submit", str(tmp_path / "m.csv"), "--model",
+         image_model, "--output", str(tmp_path / "out"), "--max-error-rate", "0.1", "--wait"],
+        env=env, capture_output=True, text=True, timeout=300,
+    )
+    failures = [line for line in done.stderr.splitlines() if line.startswith("batchinf: job ")]
+    assert done.returncode == 1 and len(failures) == 1
+    assert " FAILED: JobFailed: 2 of 2 rows failed" in failures[0]

@@ -150,3 +150,10 @@ def test_error_budget_fails_the_job_with_the_count_in_its_record(ray_local, imag
     failed = execute(store, job.job_id, "local-test")
     assert failed.state is JobState.FAILED and failed.error["type"] == "JobFailed"
     assert "3 of 3 rows failed, over the error budget of 1" in failed.error["message"]
+
+
+def test_the_jobs_page_lists_no_start_up_probe(ray_head):
+    from batchinf.dispatcher import jobs_client
+
+    ids = [j.submission_id or "" for j in jobs_client(ray_head.jobs_address).list_jobs()]
+    assert not [i for i in ids if i.startswith("batchinf-warmup")]
