@@ -113,3 +113,16 @@ def colour_images(tmp_path: Any) -> tuple[str, list[tuple[int, int, int]]]:
         write_solid_image(str(tmp_path / "img" / f"{i}.png"), colour)
         rows.append([f"img/{i}.png", f"{i:03d}", f"note, {i}"])
     return write_manifest(tmp_path / "manifest.csv", ["uri", "id", "note"], rows), colours
+
+
+def until(predicate: Any, timeout: float = 240.0, every: float = 0.5) -> Any:
+    """Poll ``predicate`` until it returns something true (that value), or fail the test."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError("timed out waiting")

@@ -22,7 +22,7 @@ import pytest
 from batchinf.job import Job, JobSpec, JobState
 from batchinf.store import JobStore
 from tests.cluster import LocalCluster
-from tests.conftest import write_manifest
+from tests.conftest import until, write_manifest
 from tests.models import write_solid_image
 
 KNOBS = {
@@ -75,16 +75,6 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> str:
         write_solid_image(str(folder / "img" / f"{i}.png"), (i % 256, 90, 30))
         rows.append([str(folder / "img" / f"{i}.png"), str(i)])
     return write_manifest(folder / "manifest.csv", ["uri", "n"], rows)
-
-
-def until(predicate: Any, timeout: float = 240.0, every: float = 0.5) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
 
 
 def finished(store: JobStore, job: Job, timeout: float = 300.0) -> Job:

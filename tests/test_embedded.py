@@ -12,7 +12,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 from typing import Any
 
 import psutil
@@ -21,7 +20,7 @@ import pytest
 from batchinf.job import JobState
 from batchinf.localray import LocalHead
 from batchinf.store import JobStore
-from tests.conftest import write_manifest
+from tests.conftest import until, write_manifest
 from tests.models import write_solid_image
 
 
@@ -56,15 +55,6 @@ def heads_started(home: str) -> set[str]:
         return set(re.findall(r"local Ray head: dashboard and Jobs API at (\S+)", f.read()))
 
 
-def until(predicate: Any, timeout: float = 300.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := predicate():
-            return value
-        time.sleep(0.5)
-    raise AssertionError("timed out waiting")
-
-
 def test_jobs_submitted_at_once_share_one_dispatcher_and_one_head_which_survives_it(
     shell: dict[str, str], image_model: str, tmp_path: Any
 ) -> None:
@@ -77,7 +67,7 @@ def test_jobs_submitted_at_once_share_one_dispatcher_and_one_head_which_survives
 
     commands = [submit(shell, manifest, image_model, str(tmp_path / f"out{i}")) for i in range(3)]
     ids = [json.loads(c.communicate(timeout=60)[0])["job_id"] for c in commands]
-    until(lambda: all(store.get(i).state.terminal for i in ids))
+    until(lambda: all(store.get(i).state.terminal for i in ids), timeout=300)
     assert [store.get(i).state for i in ids] == [JobState.SUCCEEDED] * 3
     assert len(dispatchers(store.root)) == 1 and len(heads_started(shell["HOME"])) == 1
 
@@ -86,7 +76,7 @@ def test_jobs_submitted_at_once_share_one_dispatcher_and_one_head_which_survives
     head = store.local_head()
     fourth = json.loads(submit(shell, manifest, image_model, str(tmp_path / "out3"))
                         .communicate(timeout=60)[0])["job_id"]
-    assert until(lambda: store.get(fourth).state.terminal) and store.get(fourth).state is JobState.SUCCEEDED
+    assert until(lambda: store.get(fourth).state.terminal, timeout=300) and store.get(fourth).state is JobState.SUCCEEDED
     assert store.local_head() == head and len(heads_started(shell["HOME"])) == 1
 
     # SIGTERM: the dispatcher stops its head and says why it exits.

@@ -17,7 +17,7 @@ from batchinf.dispatcher import Dispatcher
 from batchinf.job import JobSpec, JobState, transition
 from batchinf.store import JobStore
 from batchinf.worker import execute
-from tests.conftest import write_manifest
+from tests.conftest import until, write_manifest
 from tests.models import write_solid_image
 
 
@@ -44,23 +44,13 @@ def many_images(tmp_path_factory) -> str:
     return write_manifest(folder / "manifest.csv", ["uri", "n"], rows)
 
 
-def _until(predicate, timeout: float = 120.0, every: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError("timed out waiting")
-
-
 def _drive(dispatcher: Dispatcher, job_id: str, timeout: float = 180.0):
     def ended():
         dispatcher.tick()
         job = dispatcher.store.get(job_id)
         return job if job.state.terminal else None
 
-    return _until(ended, timeout, every=1.0)
+    return until(ended, timeout, every=1.0)
 
 
 def _output_rows(output: str) -> list[str]:
@@ -118,9 +108,9 @@ def test_priority_then_age_with_one_job_at_a_time(dispatcher, store, image_model
 def test_cancel_mid_run_then_resume_redoes_only_missing_shards(dispatcher, store, image_model, many_images, tmp_path):
     output = str(tmp_path / "out")
     job, _ = store.create(JobSpec(many_images, image_model, output, batch_size=1, shard_size=20))
-    _until(lambda: dispatcher.tick() or store.get(job.job_id).rows_done > 0)
+    until(lambda: dispatcher.tick() or store.get(job.job_id).rows_done > 0)
     store.request_cancel(job.job_id)
-    cancelled = _until(lambda: (j := store.get(job.job_id)).state.terminal and j, timeout=30)
+    cancelled = until(lambda: (j := store.get(job.job_id)).state.terminal and j, timeout=30)
     assert cancelled.state is JobState.CANCELLED
     assert not storage.exists(os.path.join(output, "_SUCCESS"))
     parts_before = len([n for n in storage.list_names(output) if n.endswith(".parquet")])
@@ -135,7 +125,7 @@ def test_a_killed_driver_is_requeued_and_finishes_exactly_once(dispatcher, store
     output = str(tmp_path / "out")
     job, _ = store.create(JobSpec(many_images, image_model, output, batch_size=1, shard_size=20))
     dispatcher.tick()
-    running = _until(lambda: (j := store.get(job.job_id)).runner and storage.list_names(output) and j)
+    running = until(lambda: (j := store.get(job.job_id)).runner and storage.list_names(output) and j)
     os.kill(running.runner["pid"], signal.SIGKILL)
     done = _drive(dispatcher, job.job_id)
     assert done.state is JobState.SUCCEEDED and done.attempt == 2
