@@ -183,8 +183,9 @@ def _wait_for_jobs_api(head: LocalHead, timeout_s: float = 90.0) -> None:
             time.sleep(0.5)
 
 
-def _forget_probe(client: Any, submission_id: str, timeout_s: float = 30.0) -> None:
-    """Delete the no-op probe job once it ends, so the Jobs page lists only real jobs."""
+def _forget_probe(client: Any, submission_id: str, timeout_s: float = 120.0) -> None:
+    """Delete the no-op probe job once it ends, so the Jobs page lists only real jobs (on a
+    busy machine its driver can take a while to end)."""
     import time
 
     deadline = time.monotonic() + timeout_s

@@ -145,5 +145,8 @@ def test_error_budget_fails_the_job_with_the_count_in_its_record(ray_local, imag
 def test_the_jobs_page_lists_no_start_up_probe(ray_head):
     from batchinf.dispatcher import jobs_client
 
-    ids = [j.submission_id or "" for j in jobs_client(ray_head.jobs_address).list_jobs()]
-    assert not [i for i in ids if i.startswith("batchinf-warmup")]
+    def no_probe() -> bool:
+        ids = [j.submission_id or "" for j in jobs_client(ray_head.jobs_address).list_jobs()]
+        return not [i for i in ids if i.startswith("batchinf-warmup")]
+
+    assert until(no_probe, timeout=300, every=2.0)
