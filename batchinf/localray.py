@@ -184,17 +184,24 @@ def _wait_for_jobs_api(head: LocalHead, timeout_s: float = 90.0) -> None:
 
 
 def _forget_probe(client: Any, submission_id: str, timeout_s: float = 120.0) -> None:
-    """Delete the no-op probe job once it ends, so the Jobs page lists only real jobs (on a
-    busy machine its driver can take a while to end)."""
+    """Delete the no-op probe jobs once they end, so the Jobs page lists only real jobs.
+
+    All of them: a probe the Jobs API refused while its agent was starting can still be
+    listed. On a busy machine a probe's driver can take a while to end.
+    """
     import time
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         with contextlib.suppress(Exception):
-            if str(client.get_job_status(submission_id)) in ("SUCCEEDED", "FAILED", "STOPPED"):
-                client.delete_job(submission_id)
+            probes = [j for j in client.list_jobs()
+                      if (j.submission_id or "").startswith("batchinf-warmup-")]
+            for job in probes:
+                if str(job.status) in ("SUCCEEDED", "FAILED", "STOPPED"):
+                    client.delete_job(job.submission_id)
+            if probes and all(str(j.status) in ("SUCCEEDED", "FAILED", "STOPPED") for j in probes):
                 return
-        time.sleep(0.2)
+        time.sleep(0.5)
 
 
 def process_is_gone(host: str, pid: int) -> bool:

@@ -141,12 +141,3 @@ def test_error_budget_fails_the_job_with_the_count_in_its_record(ray_local, imag
     assert failed.state is JobState.FAILED and failed.error["type"] == "JobFailed"
     assert "3 of 3 rows failed, over the error budget of 1" in failed.error["message"]
 
-
-def test_the_jobs_page_lists_no_start_up_probe(ray_head):
-    from batchinf.dispatcher import jobs_client
-
-    def no_probe() -> bool:
-        ids = [j.submission_id or "" for j in jobs_client(ray_head.jobs_address).list_jobs()]
-        return not [i for i in ids if i.startswith("batchinf-warmup")]
-
-    assert until(no_probe, timeout=300, every=2.0)
