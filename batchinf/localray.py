@@ -173,8 +173,8 @@ def _wait_for_jobs_api(head: LocalHead, timeout_s: float = 90.0) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            probe = client.submit_job(entrypoint="true", submission_id=f"batchinf-warmup-{free_port()}")
-            _forget_probe(client, probe)
+            client.submit_job(entrypoint="true", submission_id=f"batchinf-warmup-{free_port()}")
+            _forget_probes(client)
             return
         except RuntimeError as exc:
             if time.monotonic() > deadline:
@@ -183,7 +183,7 @@ def _wait_for_jobs_api(head: LocalHead, timeout_s: float = 90.0) -> None:
             time.sleep(0.5)
 
 
-def _forget_probe(client: Any, submission_id: str, timeout_s: float = 120.0) -> None:
+def _forget_probes(client: Any, timeout_s: float = 120.0) -> None:
     """Delete the no-op probe jobs once they end, so the Jobs page lists only real jobs.
 
     All of them: a probe the Jobs API refused while its agent was starting can still be

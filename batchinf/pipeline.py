@@ -221,9 +221,7 @@ class JobRunner:
         self._send(pool, batch)
 
     def _report_waiting(self, pool: PredictorPool, progress: Progress) -> None:
-        reason = pool.waiting_reason()
-        if reason != progress.waiting:
-            progress.waiting = reason
+        progress.waiting = pool.waiting_reason()
         self._on_progress(progress)
 
     def _measure(self, batch: PredictedBatch, seconds: float) -> None:

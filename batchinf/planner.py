@@ -119,10 +119,10 @@ def plan(
         if spec.gpus_per_replica else DECODE_CPUS_BESIDE_CPU_REPLICAS
     )
     _check_feasible(nodes, needs, node_types)
-    for count, free in ((spec.replicas_max, True), (spec.replicas_min, True)):
-        found = _fit(nodes, spec, needs, count, wanted_decode, free=free)
+    for count in (spec.replicas_max, spec.replicas_min):  # all of them, else at least MIN
+        found = _fit(nodes, spec, needs, count, wanted_decode, free=True)
         if found is not None:
-            return _finish(found, spec, needs, count)
+            return _finish(found, spec, count)
     # Nothing fits in what is free: size against the nodes' totals, or with nodes the
     # autoscaler can add, and wait for room; if neither can ever hold it, fail now.
     found = _fit(nodes, spec, needs, spec.replicas_min, wanted_decode, free=False)
@@ -133,12 +133,12 @@ def plan(
         reason = "waiting for the autoscaler to add a node"
     if found is None:
         raise Infeasible(
-            f"{spec.replicas_min} replica(s) needing {_describe(dict(needs, CPU=MIN_SHARE))} or "
+            f"{spec.replicas_min} replica(s) needing {describe(dict(needs, CPU=MIN_SHARE))} or "
             f"more each, with decode CPUs beside them, do not fit on the cluster's nodes "
             f"({', '.join(_offered(nodes, node_types))}); ask for fewer replicas or CPUs"
         )
-    result = _finish(found, spec, needs, 0)
-    demand = _describe(result.replica)
+    result = _finish(found, spec, 0)
+    demand = describe(result.replica)
     return dataclasses.replace(
         result, waiting=f"{reason}: {spec.replicas_min} replica(s) need {demand} each, "
         f"with {result.decode_cpus * result.decode_tasks:g} CPU of decode beside them",
@@ -154,14 +154,14 @@ class _Fit:
     avoid: tuple[str, ...]
 
 
-def _finish(found: _Fit, spec: JobSpec, needs: dict[str, float], count: int) -> Plan:
+def _finish(found: _Fit, spec: JobSpec, count: int) -> Plan:
     threads = os.environ.get("BATCHINF_TF_THREADS")
     cpus = found.replica.get("CPU", 0.0)
     waiting = None
     if 0 < count < spec.replicas_max:
         waiting = (
             f"waiting for {spec.replicas_max - count} of {spec.replicas_max} replicas: "
-            f"needs {_describe(found.replica)}"
+            f"needs {describe(found.replica)}"
         )
     return Plan(
         replica=found.replica,
@@ -186,7 +186,7 @@ def _check_feasible(
     offered = _offered(nodes, node_types)
     if not any(_has(shape, needs) and shape.get("CPU", 0) >= MIN_SHARE for shape in shapes):
         raise Infeasible(
-            f"no node can ever hold a replica: it needs {_describe(dict(needs, CPU=MIN_SHARE))} "
+            f"no node can ever hold a replica: it needs {describe(dict(needs, CPU=MIN_SHARE))} "
             f"on one node; the cluster's nodes and node types offer {', '.join(offered)}"
         )
     if not any(shape.get("CPU", 0) >= MIN_SHARE for shape in shapes):
@@ -291,7 +291,7 @@ def _virtual(node_types: Sequence[dict[str, float]], copies: int) -> list[NodeVi
 
 def _offered(nodes: Sequence[NodeView], node_types: Sequence[dict[str, float]]) -> list[str]:
     shapes = [n.total for n in nodes] + list(node_types)
-    return sorted({_describe(s) for s in shapes}) or ["no nodes"]
+    return sorted({describe(s) for s in shapes}) or ["no nodes"]
 
 
 def _has(room: dict[str, float], demand: dict[str, float]) -> bool:
@@ -303,6 +303,7 @@ def _take(room: dict[str, float], demand: dict[str, float]) -> None:
         room[key] = room.get(key, 0.0) - value
 
 
-def _describe(resources: dict[str, float]) -> str:
+def describe(resources: dict[str, float]) -> str:
+    """A resource demand as users read it: ``{'CPU': 1.0, 'GPU': 1.0}``, zeros left out."""
     shown = {k: round(float(v), 3) for k, v in sorted(resources.items()) if v > 0}
     return str(shown)

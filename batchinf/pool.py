@@ -26,7 +26,7 @@ from typing import Any
 from batchinf.errors import InfrastructureError, JobFailed, ModelError
 from batchinf.job import JobSpec
 from batchinf.model import ModelSource
-from batchinf.planner import NodeView, Plan, plan
+from batchinf.planner import NodeView, Plan, describe, plan
 from batchinf.predictor import ModelInfo, Predictor
 
 START_TIMEOUT_S = float(os.environ.get("BATCHINF_REPLICA_START_TIMEOUT", "600"))
@@ -231,7 +231,7 @@ class PredictorPool:
             return None
         return (
             f"waiting for {missing} of {self._spec.replicas_max} replicas: "
-            f"needs {_describe(self.plan.replica)}"
+            f"needs {describe(self.plan.replica)}"
         )
 
     def pick(self) -> Any | None:
@@ -305,10 +305,6 @@ def _placed(group: Any, timeout: float) -> bool:
 
     ready, _ = ray.wait([group.ready()], timeout=timeout)
     return bool(ready)
-
-
-def _describe(resources: dict[str, float]) -> str:
-    return str({k: round(float(v), 3) for k, v in sorted(resources.items()) if v > 0})
 
 
 def _root_cause(exc: BaseException) -> str:
