@@ -487,6 +487,48 @@ def dispatcher(
                metrics_port=metrics_port).serve(poll, idle_exit)
 
 
+@app.command("serve")
+def serve_command(
+    model: Annotated[str, typer.Option(help="Model folder or s3:// prefix (TF Serving layout or "
+                                       "SavedModel), as batch jobs take it.")],
+    model_version: Annotated[int | None, typer.Option(help="Model version [default: highest].")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs "
+                                      "BATCHINF_SERVE_TOKEN.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    replicas: Annotated[str, typer.Option(help="Model replicas: N, or MIN:MAX to autoscale.")] = "1",
+    gpus_per_replica: Annotated[float, typer.Option(help="GPUs each replica reserves.")] = 0.0,
+    cpus_per_replica: Annotated[
+        float | None,
+        typer.Option(help="CPUs each replica reserves; TensorFlow gets as many threads "
+                     "[default: 1 CPU, threads for every core].", show_default=False),
+    ] = None,
+    max_batch_size: Annotated[int, typer.Option(help="Most requests in one model call.")] = 16,
+    batch_wait_ms: Annotated[
+        float, typer.Option(help="How long a model call waits for more requests to join it.")
+    ] = 5.0,
+    top_k: Annotated[int, typer.Option(help="Classes returned unless a request asks for top_k.")] = 5,
+    address: Annotated[
+        str | None,
+        typer.Option(help="Ray cluster to join as a driver: auto or HEAD:6379 on a cluster node, "
+                     "ray://HEAD:10001 elsewhere [default: a local Ray].", show_default=False),
+    ] = None,
+) -> None:
+    """Serve the model over HTTP until SIGINT or SIGTERM: POST an image, get ranked classes."""
+    from batchinf.server import ServeOptions, serve, take_token
+
+    low, high = parse_replicas(replicas)
+    options = ServeOptions(
+        model=_absolute(model), model_version=model_version, host=host, port=port,
+        replicas_min=low, replicas_max=high, gpus_per_replica=gpus_per_replica,
+        cpus_per_replica=cpus_per_replica, max_batch_size=max_batch_size,
+        batch_wait_ms=batch_wait_ms, top_k=top_k,
+        address=None if address in (None, "", "local") else address,
+    )
+    options.validate()
+    token = take_token(host)
+    serve(options, token, lambda line: typer.echo(f"batchinf serve: {line}", err=True))
+
+
 @app.command(hidden=True)
 def run(
     job_id: JobArgument,

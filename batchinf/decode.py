@@ -64,28 +64,43 @@ def fail_row(errors: RowErrors, position: int, kind: str, message: str) -> None:
 
 
 def fetch(uri: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
-    """The bytes of one image, or a ``_RowProblem`` saying what went wrong."""
+    """The bytes of one image, or a ``RowProblem`` saying what went wrong."""
     if not uri.strip():
-        raise _RowProblem("bad_uri", "the uri cell is empty")
+        raise RowProblem("bad_uri", "the uri cell is empty")
     if "://" in uri and not uri.startswith(("s3://", "file://")):
-        raise _RowProblem("bad_uri", f"unsupported scheme in {uri!r} (use s3://, file:// or a path)")
+        raise RowProblem("bad_uri", f"unsupported scheme in {uri!r} (use s3://, file:// or a path)")
     try:
         data = storage.read_bytes(uri)
     except NotFoundError as exc:
-        raise _RowProblem("not_found", str(exc)) from exc
+        raise RowProblem("not_found", str(exc)) from exc
     except StorageError as exc:
-        raise _RowProblem("fetch_error", str(exc)) from exc
-    if not data:
-        raise _RowProblem("empty", f"zero bytes at {uri}")
-    if len(data) > max_bytes:
-        raise _RowProblem("too_large", f"{len(data)} bytes is over the {max_bytes}-byte limit")
+        raise RowProblem("fetch_error", str(exc)) from exc
+    check_size(data, uri, max_bytes)
     return data
 
 
-class _RowProblem(Exception):
+class RowProblem(Exception):
+    """What is wrong with one image: ``kind`` is its ``error_kind`` (the table above)."""
+
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
         self.kind = kind
+
+
+def check_size(data: bytes, where: str, max_bytes: int = MAX_IMAGE_BYTES) -> None:
+    """Refuse an empty or over-large image, with the same words for a file and a request body."""
+    if not data:
+        raise RowProblem("empty", f"{where} is empty (zero bytes)")
+    if len(data) > max_bytes:
+        raise RowProblem("too_large", f"{len(data)} bytes is over the {max_bytes}-byte limit")
+
+
+def prepare(data: bytes, spec: InputSpec) -> np.ndarray | bytes:
+    """One image as the model takes it: resized pixels, or the checked encoded bytes."""
+    if spec.kind == "bytes":
+        check_image(data)
+        return data
+    return decode_image(data, spec.height, spec.width)
 
 
 def decode_image(data: bytes, height: int, width: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
@@ -95,11 +110,11 @@ def decode_image(data: bytes, height: int, width: int, max_pixels: int = MAX_IMA
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
-        raise _RowProblem("not_an_image", "not an image format Pillow can read") from exc
+        raise RowProblem("not_an_image", "not an image format Pillow can read") from exc
     except Exception as exc:  # Pillow raises many types for malformed headers
-        raise _RowProblem("corrupt_image", f"unreadable image header: {exc}") from exc
+        raise RowProblem("corrupt_image", f"unreadable image header: {exc}") from exc
     if image.width * image.height > max_pixels:
-        raise _RowProblem(
+        raise RowProblem(
             "too_large", f"{image.width}x{image.height} is over the {max_pixels}-pixel limit"
         )
     try:
@@ -110,7 +125,7 @@ def decode_image(data: bytes, height: int, width: int, max_pixels: int = MAX_IMA
             image = image.resize((width, height), Image.Resampling.BILINEAR)
         return np.asarray(image, dtype=np.uint8)
     except Exception as exc:  # truncated or otherwise corrupt data surfaces on load
-        raise _RowProblem("corrupt_image", f"cannot decode: {exc}") from exc
+        raise RowProblem("corrupt_image", f"cannot decode: {exc}") from exc
 
 
 def check_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
@@ -120,15 +135,15 @@ def check_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
     try:
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
-        raise _RowProblem("not_an_image", "not an image format Pillow can read") from exc
+        raise RowProblem("not_an_image", "not an image format Pillow can read") from exc
     except Exception as exc:
-        raise _RowProblem("corrupt_image", f"unreadable image header: {exc}") from exc
+        raise RowProblem("corrupt_image", f"unreadable image header: {exc}") from exc
     if image.width * image.height > max_pixels:
-        raise _RowProblem("too_large", f"{image.width}x{image.height} is over the pixel limit")
+        raise RowProblem("too_large", f"{image.width}x{image.height} is over the pixel limit")
     try:
         image.load()
     except Exception as exc:
-        raise _RowProblem("corrupt_image", f"cannot decode: {exc}") from exc
+        raise RowProblem("corrupt_image", f"cannot decode: {exc}") from exc
 
 
 def _lower_priority(nice: int) -> None:
@@ -148,11 +163,7 @@ def decode_batch(
     """
 
     def one(uri: str) -> np.ndarray | bytes:
-        data = fetch(uri)
-        if spec.kind == "bytes":
-            check_image(data)
-            return data
-        return decode_image(data, spec.height, spec.width)
+        return prepare(fetch(uri), spec)
 
     batch = DecodedBatch(size=len(uris), positions=[])
     results: list[np.ndarray | bytes] = []
@@ -163,7 +174,7 @@ def decode_batch(
             try:
                 results.append(future.result())
                 batch.positions.append(position)
-            except _RowProblem as problem:
+            except RowProblem as problem:
                 fail_row(batch.errors, position, problem.kind, str(problem))
             except Exception as exc:  # never let one row take the batch down
                 fail_row(batch.errors, position, "fetch_error", f"{type(exc).__name__}: {exc}")

@@ -10,6 +10,7 @@ Ray exports them from every process that records them, with its own ``ray_`` pre
     batchinf_jobs                  gauge      state             jobs in the store, by state (dispatcher)
     batchinf_job_outcomes          counter    state, reason     attempts ended: succeeded, failed,
                                                                 cancelled, requeued
+    batchinf_serve_batch_size      histogram  model             requests per model call (serve)
 
 Nothing is created at import: metrics are made on first use, in the process that records them,
 and recording never fails a job (a process without Ray records nothing).
@@ -22,6 +23,7 @@ from functools import cache
 from typing import Any
 
 LATENCY_BOUNDARIES = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0]
+BATCH_SIZE_BOUNDARIES = [1, 2, 4, 8, 16, 32, 64, 128]
 
 
 @cache
@@ -46,6 +48,9 @@ def _metric(name: str) -> Any:
         "batchinf_job_outcomes": lambda: metrics.Counter(
             name, description="Job attempts ended, by how they ended.",
             tag_keys=("state", "reason")),
+        "batchinf_serve_batch_size": lambda: metrics.Histogram(
+            name, description="Online requests answered by one model call.",
+            boundaries=BATCH_SIZE_BOUNDARIES, tag_keys=("model",)),
     }
     return made[name]()
 
@@ -77,3 +82,7 @@ def queue_depth(counts: dict[str, int]) -> None:
 
 def job_outcome(state: str, reason: str) -> None:
     _record("batchinf_job_outcomes", "inc", 1, {"state": state, "reason": reason})
+
+
+def serve_batch(model: str, size: int) -> None:
+    _record("batchinf_serve_batch_size", "observe", size, {"model": model})

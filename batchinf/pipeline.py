@@ -26,12 +26,12 @@ from typing import Any
 
 from batchinf import manifest, metrics, sink, storage
 from batchinf.decode import decode_batch
-from batchinf.errors import BatchinfError, InfrastructureError, JobFailed, ModelError, UsageError
+from batchinf.errors import BatchinfError, InfrastructureError, JobFailed, UsageError
 from batchinf.job import JobSpec
 from batchinf.model import ModelSource, resolve_model
 from batchinf.planner import Plan
 from batchinf.pool import PredictorPool
-from batchinf.predictor import PredictedBatch
+from batchinf.predictor import PredictedBatch, check_labels
 from batchinf.progress import Progress
 
 BATCH_TRIES = 5  # sends of one batch before its loss ends the attempt as an infrastructure error
@@ -111,7 +111,7 @@ class JobRunner:
             if reserved is None:  # cancelled while waiting for room
                 return JobResult(self._summary(source, columns, progress, None), cancelled=True)
             info = pool.start()
-            _check_labels(source, info.num_classes)
+            check_labels(source, info.num_classes)
             progress.begin_processing()
             task = ray.remote(decode_batch).options(**pool.decode_options())
 
@@ -345,11 +345,3 @@ def _busy_share(busy: list[float], seconds: float) -> float | None:
     if not busy or seconds <= 0:
         return None
     return round(sum(busy) / (len(busy) * seconds), 3)
-
-
-def _check_labels(source: ModelSource, num_classes: int) -> None:
-    if source.labels is not None and len(source.labels) != num_classes:
-        raise ModelError(
-            f"{len(source.labels)} labels beside {source.saved_model_uri}, "
-            f"but the model scores {num_classes} classes"
-        )

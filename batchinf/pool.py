@@ -203,11 +203,11 @@ class PredictorPool:
                     ray.get(ref)
                 except ray.exceptions.RayActorError as exc:
                     if getattr(exc, "actor_init_failed", False) and actor not in self._ever_ready:
-                        raise ModelError(f"a model replica failed to start: {_root_cause(exc)}") from exc
+                        raise ModelError(f"a model replica failed to start: {root_cause(exc)}") from exc
                     self._lost[actor] = time.monotonic() + 2.0  # restarting, or gone for good
                     continue
                 except ray.exceptions.RayError as exc:
-                    raise ModelError(f"a model replica failed to start: {_root_cause(exc)}") from exc
+                    raise ModelError(f"a model replica failed to start: {root_cause(exc)}") from exc
                 self._busy[actor] = 0
                 self._ever_ready.add(actor)
         self._check_some_alive()
@@ -307,7 +307,7 @@ def _placed(group: Any, timeout: float) -> bool:
     return bool(ready)
 
 
-def _root_cause(exc: BaseException) -> str:
+def root_cause(exc: BaseException) -> str:
     """The last line of the original error that Ray wrapped, e.g. ``ModelError: ...``."""
     text = str(exc)
     lines = [line.strip() for line in text.splitlines() if line.strip()]

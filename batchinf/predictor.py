@@ -129,8 +129,25 @@ class Predictor:
 
         return str(ray.get_runtime_context().get_node_id())
 
-    def predict(self, batch: DecodedBatch) -> PredictedBatch:
-        """Run the model on the rows that decoded; isolate rows the model itself rejects."""
+    def signature(self) -> dict[str, Any]:
+        """The serving signature's input and output, as ``GET /v1/models/<name>`` reports them."""
+        _, kwargs = self._fn.structured_input_signature
+        spec = kwargs[self.info.input_name]
+        shape = spec.shape.as_list() if spec.shape.rank is not None else None
+        fed = {"kind": self.info.input.kind}
+        if self.info.input.kind == "image":
+            fed |= {"height": self.info.input.height, "width": self.info.input.width}
+        return {
+            "inputs": {self.info.input_name: {"dtype": spec.dtype.name, "shape": shape, "fed": fed}},
+            "outputs": {self.info.output_name: {"dtype": "float32",
+                                                "shape": [None, self.info.num_classes]}},
+        }
+
+    def predict(self, batch: DecodedBatch, top_k: int | None = None) -> PredictedBatch:
+        """Run the model on the rows that decoded; isolate rows the model itself rejects.
+
+        ``top_k`` overrides the replica's own for this call (online requests ask per call).
+        """
         inputs = self._inputs(batch)
         errors = dict(batch.errors)
         positions = list(batch.positions)
@@ -142,7 +159,7 @@ class Predictor:
             scores, positions = self._run_singly(inputs, positions, errors)
         self.busy_s += time.perf_counter() - started
         assert scores.shape[0] == len(positions), "the model must give one output per input"
-        class_ids, top = _top_k(scores, self._top_k)
+        class_ids, top = _top_k(scores, top_k or self._top_k)
         return PredictedBatch(batch.size, positions, class_ids, top, errors)
 
     def _inputs(self, batch: DecodedBatch) -> Any:
@@ -170,6 +187,15 @@ class Predictor:
         if not kept_scores:
             return np.zeros((0, self.info.num_classes), np.float32), []
         return np.stack(kept_scores), kept_positions
+
+
+def check_labels(source: ModelSource, num_classes: int) -> None:
+    """``labels.txt`` must name every class the model scores, no more and no fewer."""
+    if source.labels is not None and len(source.labels) != num_classes:
+        raise ModelError(
+            f"{len(source.labels)} labels beside {source.saved_model_uri}, "
+            f"but the model scores {num_classes} classes"
+        )
 
 
 def _load(tf: Any, uri: str) -> Any:
@@ -219,6 +245,19 @@ def _pick_output(outputs: dict[str, Any]) -> tuple[str, int]:
     if classes is None:
         raise ModelError(f"output {name!r} has no fixed number of classes")
     return name, int(classes)
+
+
+def ranked(class_ids: np.ndarray, scores: np.ndarray, labels: tuple[str, ...] | None) -> list[dict]:
+    """One row's predictions as written to Parquet and returned online: best first, from rank 1."""
+    return [
+        {
+            "rank": rank,
+            "class_id": int(c),
+            "label": labels[c] if labels and c < len(labels) else str(int(c)),
+            "score": float(s),
+        }
+        for rank, (c, s) in enumerate(zip(class_ids, scores, strict=True), start=1)
+    ]
 
 
 def _top_k(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -14,14 +14,13 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchinf import storage
 from batchinf.errors import UsageError
 from batchinf.manifest import Shard
-from batchinf.predictor import PredictedBatch
+from batchinf.predictor import PredictedBatch, ranked
 
 SUCCESS = "_SUCCESS"
 SUMMARY = "_summary.json"
@@ -77,7 +76,7 @@ def build_table(shard: Shard, batches: Sequence[PredictedBatch], run: RunInfo) -
         for position in range(batch.size):
             if position in by_position:
                 i = by_position[position]
-                predictions.append(_ranked(batch.class_ids[i], batch.scores[i], run.labels))
+                predictions.append(ranked(batch.class_ids[i], batch.scores[i], run.labels))
                 errors.append(None)
                 kinds.append(None)
             else:
@@ -101,18 +100,6 @@ def build_table(shard: Shard, batches: Sequence[PredictedBatch], run: RunInfo) -
     }
     schema = output_schema(shard.columns).with_metadata({"batchinf.job_id": run.job_id})
     return pa.Table.from_pydict(columns, schema=schema)
-
-
-def _ranked(class_ids: np.ndarray, scores: np.ndarray, labels: tuple[str, ...] | None) -> list[dict]:
-    return [
-        {
-            "rank": rank,
-            "class_id": int(c),
-            "label": labels[c] if labels and c < len(labels) else str(int(c)),
-            "score": float(s),
-        }
-        for rank, (c, s) in enumerate(zip(class_ids, scores, strict=True), start=1)
-    ]
 
 
 def write_part(output: str, shard_index: int, table: pa.Table) -> str:
