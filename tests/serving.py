@@ -55,15 +55,19 @@ def _running(process: psutil.Process) -> bool:
 
 
 def start_server(model: str, *args: str, folder: Path, env: dict[str, str] | None = None,
-                 timeout: float = 240) -> Server:
-    """Start ``batchinf serve`` and wait until /healthz answers 200 (or fail with its output)."""
+                 base_env: dict[str, str] | None = None, timeout: float = 240) -> Server:
+    """Start ``batchinf serve`` and wait until /healthz answers 200 (or fail with its output).
+
+    Its environment is ``base_env`` (default: this process's) with ``env`` on top.
+    """
     port = free_port()
     log = folder / f"serve-{port}.log"
     with open(log, "wb") as out:
         process = subprocess.Popen(
             [sys.executable, "-m", "batchinf.cli", "serve", "--model", model, "--port", str(port),
              *args],
-            stdout=out, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+            stdout=out, stderr=subprocess.STDOUT,
+            env={**(os.environ if base_env is None else base_env), **(env or {})},
         )
     server = Server(process, f"http://127.0.0.1:{port}", log)
     deadline = time.monotonic() + timeout

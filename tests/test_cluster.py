@@ -18,12 +18,14 @@ from typing import Any
 
 import pyarrow.parquet as pq
 import pytest
+import requests
 
 from batchinf.job import Job, JobSpec, JobState
 from batchinf.store import JobStore
 from tests.cluster import LocalCluster
 from tests.conftest import until, write_manifest
 from tests.models import write_solid_image
+from tests.serving import start_server
 
 KNOBS = {
     "BATCHINF_RETRY_DELAY": "2",
@@ -106,6 +108,57 @@ def test_replicas_spread_across_nodes_and_the_cpu_less_head_takes_none(
     head, plain, gpu = cluster.nodes[:3]
     assert sorted(replica_nodes(cluster, job)) == sorted([plain.node_id, gpu.node_id])
     assert done.summary["resources"]["replica"] == {"CPU": 0.5}
+
+
+SERVE_ACTORS = """
+import json, ray
+from ray.util.state import list_actors
+ray.init(log_to_driver=False)
+found = list_actors(filters=[("state", "=", "ALIVE")], limit=1000, detail=True)
+print(json.dumps([{"class": a.class_name, "node_id": a.node_id} for a in found
+                  if a.class_name.startswith(("ServeReplica", "ServeController", "ProxyActor"))]))
+"""
+
+
+def test_serve_spreads_replicas_over_workers_and_leaves_the_cluster_as_it_was(
+    cluster: LocalCluster, image_model: str, tmp_path
+):
+    running = start_server(image_model, "--address", cluster.gcs_address, "--replicas", "2",
+                           folder=tmp_path, base_env=cluster.client_env())
+    answer = requests.post(f"{running.url}/v1/models/colour:classify", timeout=60,
+                           files={"file": ("o.png", _png((0, 0, 255)), "image/png")})
+    assert answer.json()["predictions"][0]["label"] == "blue"
+    actors = json.loads(cluster.run_python(SERVE_ACTORS))
+    replicas = {a["node_id"] for a in actors if a["class"].startswith("ServeReplica")}
+    assert len(replicas) == 2 and cluster.head.node_id not in replicas
+    assert [a["node_id"] for a in actors if a["class"] == "ProxyActor"] == [cluster.head.node_id]
+    code, _ = running.stop(signal.SIGTERM)
+    assert code == 0, running.output()
+    assert until(lambda: json.loads(cluster.run_python(SERVE_ACTORS)) == [], timeout=60)
+
+
+def test_serve_refuses_a_cluster_whose_serve_listens_elsewhere(cluster: LocalCluster, image_model):
+    start = "import ray; from ray import serve; ray.init(); serve.start(http_options={0})"
+    cluster.run_python(start.format('{"host": "127.0.0.1", "port": 18911}'))
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "batchinf.cli", "serve", "--model", image_model, "--address",
+             cluster.gcs_address, "--port", "18912"],
+            env=cluster.client_env(), capture_output=True, text=True, timeout=120)
+        assert done.returncode == 1
+        assert "Serve already runs on this cluster at 127.0.0.1:18911" in done.stderr.splitlines()[-1]
+    finally:
+        cluster.run_python("import ray; from ray import serve; ray.init(); serve.shutdown()")
+
+
+def _png(rgb: tuple[int, int, int]) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.new("RGB", (20, 12), rgb).save(out, "PNG")
+    return out.getvalue()
 
 
 def test_replica_resources_pin_replicas_to_the_node_that_has_them(
