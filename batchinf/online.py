@@ -23,6 +23,7 @@ annotations as objects.
 import asyncio
 import hashlib
 import hmac
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Annotated, Any
@@ -204,7 +205,10 @@ class Classifier:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._source = settings.source
-        self._predictor = Predictor(settings.source, settings.top_k, settings.threads,
+        # Ray sets OMP_NUM_THREADS to the replica's CPUs (1), and TensorFlow's oneDNN build
+        # follows it unless told: without --cpus-per-replica, use every core this node has.
+        threads = settings.threads or len(os.sched_getaffinity(0))
+        self._predictor = Predictor(settings.source, settings.top_k, threads,
                                     warm_up_rows=settings.max_batch_size)
         check_labels(settings.source, self._predictor.info.num_classes)
         self._classify_batch.set_max_batch_size(settings.max_batch_size)
