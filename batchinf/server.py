@@ -217,8 +217,10 @@ def _deploy(options: ServeOptions, source: Any, token: str | None) -> None:
             "min_replicas": options.replicas_min, "max_replicas": options.replicas_max,
             "target_ongoing_requests": options.max_batch_size}}
     app = Classifier.options(  # type: ignore[attr-defined]
-        # Room for one batch in the model and the next one filling behind it.
-        max_ongoing_requests=2 * options.max_batch_size,
+        # Room for one batch in the model and the next one filling behind it, and at least 16:
+        # requests beyond it wait in Serve's router, whose back-off cut an unbatched replica
+        # to 6 requests/s at 32 clients (docs/performance.md).
+        max_ongoing_requests=max(2 * options.max_batch_size, 16),
         ray_actor_options={"num_cpus": cpus, "num_gpus": options.gpus_per_replica},
         **sizing,
     ).bind(settings)

@@ -77,7 +77,10 @@ def run_plain_server(model: str, port: int) -> None:
         def log_message(self, *args: Any) -> None:
             pass
 
-    ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+    class Server(ThreadingHTTPServer):
+        request_queue_size = 128  # the default backlog of 5 resets clients at concurrency 32
+
+    Server(("127.0.0.1", port), Handler).serve_forever()
 
 
 def start(argv: list[str], url: str, log: Path, env: dict[str, str]) -> tuple[subprocess.Popen, float]:
@@ -111,8 +114,13 @@ def load(url: str, bodies: list[bytes], concurrency: int, total: int) -> dict[st
         session = requests.Session()
         while (i := next(numbers)) < total:
             began = time.perf_counter()
-            answer = session.post(url, data=bodies[i % len(bodies)],
-                                  headers={"Content-Type": "image/jpeg"}, timeout=120)
+            try:
+                answer = session.post(url, data=bodies[i % len(bodies)],
+                                      headers={"Content-Type": "image/jpeg"}, timeout=120)
+            except requests.RequestException as exc:
+                with lock:
+                    failures.append(f"{type(exc).__name__}: {exc}")
+                continue
             took = time.perf_counter() - began
             with lock:
                 latencies.append(took)
