@@ -1,6 +1,6 @@
 """Online serving: requests/s and latency of ``batchinf serve`` beside a plain one-process server.
 
-``python -m bench.online --concurrency 1,8,32 --requests 160 --repeats 3``
+``python -m bench.online --concurrency 1,8,32 --requests 120 --repeats 3``
 
 Each round starts every server in turn on 127.0.0.1, waits for it to answer, sends a few
 warm-up requests, then for each concurrency C runs C client threads that post JPEGs back to back
@@ -162,8 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="mobilenet_v2")
     p.add_argument("--images", type=int, default=64, help="distinct JPEGs the clients cycle")
     p.add_argument("--concurrency", default="1,8,32")
-    p.add_argument("--requests", type=int, default=160, help="answers per concurrency level")
-    p.add_argument("--configs", default="16x5,1x0,32x20", help="batchinf servers: MAXBATCHxWAITMS")
+    p.add_argument("--requests", type=int, default=120, help="answers per concurrency level")
+    p.add_argument("--configs", default="16x5,1x0,16x20,16x50", help="batchinf servers: MAXBATCHxWAITMS")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="bench/results")
     p.add_argument("--cache", default=None)

@@ -61,6 +61,24 @@ def make_image_model(base: str, version: int = 1, *, labels: bool = True) -> str
     return base
 
 
+def make_top_half_model(base: str) -> str:
+    """Like ``make_image_model``, but scores the mean colour of the image's top half only:
+    a model that sees which way up an image is."""
+    import tensorflow as tf
+
+    weights, bias = tf.constant(WEIGHTS), tf.constant(BIAS)
+
+    class TopHalf(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, SIZE, SIZE, 3], tf.float32, name="image")])
+        def serve(self, image: tf.Tensor) -> dict:
+            return {"scores": tf.reduce_mean(image[:, : SIZE // 2], axis=[1, 2]) @ weights + bias}
+
+    module = TopHalf()
+    tf.saved_model.save(module, os.path.join(base, "1"), signatures={"serving_default": module.serve})
+    _write_sidecars(base, True, {"input_range": [0, 1]})
+    return base
+
+
 def make_bytes_model(base: str) -> str:
     """A bare SavedModel folder whose signature takes encoded image bytes (tf.string [N])."""
     import tensorflow as tf

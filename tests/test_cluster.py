@@ -239,19 +239,21 @@ def test_every_replica_lost_is_retried_as_a_new_attempt_once_a_node_returns(
 ) -> None:
     spot = cluster.add_nodes((1, {"spot": 1}), (1, {"spot": 1}))
     output = str(tmp_path / "out")
-    long = _repeated(images, 4, tmp_path / "long.csv")
+    # Long enough that attempt 1 cannot finish before the kill, even on a quiet machine.
+    long = _repeated(images, 10, tmp_path / "long.csv")
     job, _ = store.create(JobSpec(long, image_model, output, batch_size=1, shard_size=40,
                                   replica_resources={"spot": 1.0}))
     until(lambda: store.get(job.job_id).rows_done >= 40)
     for node in spot:  # both spot nodes preempted: no node left that a replica may use
         cluster.kill(node)
+    assert store.get(job.job_id).state is JobState.RUNNING
     retried = until(lambda: (j := store.get(job.job_id)).attempt == 2 and j.waiting and j)
     assert "waiting for the autoscaler to add a node" in retried.waiting
     assert retried.attempts[0]["reason"].startswith("InfrastructureError: no model replica")
     cluster.add_node(1, {"spot": 1})  # what the autoscaler would do
     done = finished(store, job)
     assert done.state is JobState.SUCCEEDED and done.attempt == 2, done.error
-    assert rows(output) == [str(i) for i in range(1600)] and done.rows_failed == 0
+    assert rows(output) == [str(i) for i in range(4000)] and done.rows_failed == 0
 
 
 def _repeated(manifest: str, times: int, path: Any) -> str:
