@@ -152,6 +152,14 @@ def submit(
     read_columns(spec.manifest)  # a cron typo fails now, in one line, not in a queued job
     resolve_model(spec.model, spec.model_version)
     address = None if address in (None, "", "local") else address
+    if address is None:  # runs here, with this machine's files and credentials: check now
+        from batchinf import storage
+        from batchinf.errors import StorageError
+
+        try:
+            storage.check_writable(spec.output, "_batchinf-write-check-submit")
+        except StorageError as exc:
+            raise UsageError(str(exc)) from exc
     job_store = JobStore.from_uri(store)
     job, created = job_store.create(spec)
     said = "submitted" if created else "already submitted (same idempotency key)"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import IO
 
 from batchinf import storage
 from batchinf.errors import ManifestError, StorageError
@@ -66,8 +67,8 @@ def _check_header(header: list[str] | None, uri: str) -> tuple[str, ...]:
 def _rows(uri: str) -> Iterator[tuple[tuple[str, ...], tuple[str, ...]]]:
     """(columns, row) pairs, each row padded or cut to the header's width."""
     try:
-        with storage.open_text(uri) as text:
-            reader = csv.reader(text)
+        with storage.open_binary(uri) as raw:
+            reader = csv.reader(_lines(raw, uri))
             columns = _check_header(next(reader, None), uri)
             width = len(columns)
             for values in reader:
@@ -78,8 +79,19 @@ def _rows(uri: str) -> Iterator[tuple[tuple[str, ...], tuple[str, ...]]]:
                 yield columns, tuple(values[:width])
     except StorageError as exc:
         raise ManifestError(f"cannot read manifest {uri}: {exc}") from exc
-    except (csv.Error, UnicodeDecodeError) as exc:
-        raise ManifestError(f"manifest {uri} is not valid UTF-8 CSV: {exc}") from exc
+    except csv.Error as exc:
+        raise ManifestError(f"manifest {uri} is not valid CSV: {exc}") from exc
+
+
+def _lines(raw: IO[bytes], uri: str) -> Iterator[str]:
+    """The manifest's lines as text, decoded one at a time so a bad byte is named by its line."""
+    for number, line in enumerate(raw, start=1):
+        try:
+            yield line.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as exc:
+            raise ManifestError(
+                f"manifest {uri} line {number} is not valid UTF-8 (byte 0x{line[exc.start]:02x} "
+                f"at column {exc.start + 1})") from None
 
 
 def read_columns(uri: str) -> tuple[str, ...]:
@@ -87,8 +99,8 @@ def read_columns(uri: str) -> tuple[str, ...]:
     for columns, _ in _rows(uri):
         return columns
     try:
-        with storage.open_text(uri) as text:
-            return _check_header(next(csv.reader(text), None), uri)
+        with storage.open_binary(uri) as raw:
+            return _check_header(next(csv.reader(_lines(raw, uri)), None), uri)
     except StorageError as exc:
         raise ManifestError(f"cannot read manifest {uri}: {exc}") from exc
 

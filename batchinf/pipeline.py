@@ -94,6 +94,7 @@ class JobRunner:
         source = resolve_model(spec.model, spec.model_version)
         columns = manifest.read_columns(spec.manifest)
         progress = Progress(rows_total=manifest.count_rows(spec.manifest))
+        sink.check_writable(spec.output, self.job_id)  # before any replica starts
         committed = sink.committed_parts(spec.output)
         if storage.exists(storage.join(spec.output, sink.SUCCESS)) and not committed:
             raise UsageError(f"output {spec.output} holds a finished result already")
@@ -103,6 +104,11 @@ class JobRunner:
         self._budget = math.floor(spec.max_error_rate * progress.rows_total)
         self._progress = progress
         self._on_progress(progress)  # rows_total is known before anything is placed
+        if progress.rows_total == 0:  # a header-only manifest: no replica, an empty output
+            sink.write_empty_part(spec.output, columns, self.job_id)
+            summary = self._summary(source, columns, progress, None)
+            sink.write_success(spec.output, summary)
+            return JobResult(summary)
         pool = PredictorPool(
             source, spec, self.job_id, on_wait=self._waiting, should_stop=self._should_stop
         )

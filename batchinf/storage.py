@@ -122,17 +122,16 @@ def read_with_etag(uri: str) -> tuple[bytes, str]:
 
 
 @contextlib.contextmanager
-def open_text(uri: str) -> Iterator[IO[str]]:
-    """A text stream over the object, read as it goes (never loaded whole)."""
+def open_binary(uri: str) -> Iterator[IO[bytes]]:
+    """A byte stream over the object, read as it goes (never loaded whole)."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
         with _s3_errors(uri):
             body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
-        raw = _ReadableStream(body, uri)
-        with io.TextIOWrapper(io.BufferedReader(raw), encoding="utf-8-sig", newline="") as text:
-            yield text
+        with io.BufferedReader(_ReadableStream(body, uri)) as raw:
+            yield raw
         return
-    with _os_errors(uri), open(local_path(uri), encoding="utf-8-sig", newline="") as f:
+    with _os_errors(uri), open(local_path(uri), "rb") as f:
         yield f
 
 
@@ -272,6 +271,20 @@ def delete(uri: str) -> None:
         return
     with contextlib.suppress(FileNotFoundError), _os_errors(uri):
         os.unlink(local_path(uri))
+
+
+def check_writable(folder: str, probe_name: str) -> None:
+    """Write and remove ``probe_name`` in ``folder``; ``StorageError`` naming the folder if not."""
+    probe = join(folder, probe_name)
+    try:
+        if not is_s3(folder):
+            with _os_errors(folder):
+                os.makedirs(local_path(folder), exist_ok=True)
+        write_bytes(probe, b"")
+        delete(probe)
+    except StorageError as exc:
+        reason = str(exc.__cause__.strerror) if isinstance(exc.__cause__, OSError) else str(exc)
+        raise StorageError(f"cannot write to the output {folder}: {reason}") from exc
 
 
 def list_folders(folder: str) -> list[str]:

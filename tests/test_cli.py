@@ -134,6 +134,18 @@ def test_a_missing_manifest_is_one_line_and_exit_1(image_model, tmp_path):
     assert missing in only_line(result.stderr)
 
 
+def test_an_output_that_cannot_be_written_is_refused_before_queueing(image_model, colour_images,
+                                                                     tmp_path):
+    (tmp_path / "a-file").write_text("not a folder")
+    output = str(tmp_path / "a-file" / "out")
+    env = cli_env(tmp_path)
+    result = run_cli("submit", colour_images[0], "--model", image_model, "--output", output,
+                     env=env)
+    assert result.returncode == 2
+    assert f"cannot write to the output {output}: Not a directory" in only_line(result.stderr)
+    assert JobStore.from_uri(env["BATCHINF_STORE"]).list() == []
+
+
 def test_submit_wait_json_writes_parquet_that_pandas_pyarrow_and_duckdb_read(
     image_model, colour_images, tmp_path
 ):

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import csv
+import os
+import tempfile
 import tracemalloc
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batchinf import manifest
 from batchinf.errors import ManifestError
@@ -63,3 +68,42 @@ def test_manifest_streams_from_s3(bucket):
     storage.write_bytes(f"s3://{bucket}/m.csv", b"uri,id\r\nx.png,1\r\ny.png,2\r\n")
     assert manifest.count_rows(f"s3://{bucket}/m.csv") == 2
     assert manifest.read_columns(f"s3://{bucket}/m.csv") == ("uri", "id")
+
+
+CELL = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"), max_size=10)
+NAME = st.text("abcdefgh_ é", min_size=1, max_size=8).map(str.strip).filter(
+    lambda n: bool(n) and n != manifest.URI_COLUMN and n not in manifest.RESERVED_COLUMNS)
+
+
+@settings(max_examples=150, deadline=None)
+@given(extra=st.lists(NAME, unique=True, max_size=3), data=st.data(),
+       shard_size=st.integers(1, 4))
+def test_rows_and_pass_through_columns_round_trip_exactly(extra, data, shard_size):
+    columns = (manifest.URI_COLUMN, *extra)
+    rows = data.draw(st.lists(st.tuples(*[CELL] * len(columns)), max_size=12))
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "m.csv")
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            csv.writer(f).writerows([columns, *rows])
+        shards = list(manifest.iter_shards(path, shard_size))
+    assert [row for shard in shards for row in shard.rows] == rows
+    assert all(shard.columns == columns for shard in shards)
+    assert [len(shard) for shard in shards[:-1]] == [shard_size] * (len(shards) - 1)
+
+
+def test_blank_lines_and_quoted_commas_and_newlines(tmp_path):
+    uri = _csv(tmp_path, 'uri,note\n\n"a,1.png","x, ""y""\nz"\n\n\nb.png,\n')
+    assert [s.rows for s in manifest.iter_shards(uri, 10)] == [(("a,1.png", 'x, "y"\nz'), ("b.png", ""))]
+
+
+def test_a_byte_that_is_not_utf8_is_named_with_its_line(tmp_path):
+    path = tmp_path / "m.csv"
+    path.write_bytes(b"uri,note\na.png,ok\nb.png,caf\xe9\nc.png,ok\n")
+    with pytest.raises(ManifestError, match=r"line 3.*not valid UTF-8"):
+        manifest.count_rows(str(path))
+
+
+def test_a_header_only_manifest_has_its_columns_and_no_rows(tmp_path):
+    uri = _csv(tmp_path, "uri,id\n")
+    assert manifest.read_columns(uri) == ("uri", "id")
+    assert manifest.count_rows(uri) == 0 and list(manifest.iter_shards(uri, 5)) == []

@@ -162,3 +162,29 @@ def test_labels_that_do_not_match_the_model_are_refused(ray_local, colour_images
     (tmp_path / "m" / "labels.txt").write_text("only\ntwo\n")
     with pytest.raises(ModelError, match="2 labels"):
         run_job("job-l", JobSpec(colour_images[0], base, str(tmp_path / "out")))
+
+
+def test_a_header_only_manifest_succeeds_with_an_empty_readable_output(image_model, tmp_path):
+    import duckdb
+    import pandas as pd
+
+    output = str(tmp_path / "out")
+    manifest = write_manifest(tmp_path / "m.csv", ["uri", "id"], [])
+    result = run_job("job-empty", JobSpec(manifest, image_model, output))
+    assert result.summary["rows_total"] == 0 and storage.exists(f"{output}/_SUCCESS")
+    table = pq.read_table(output)
+    assert table.num_rows == 0 and table.column_names[:3] == ["uri", "id", "predictions"]
+    assert len(pd.read_parquet(output)) == 0
+    assert duckdb.sql(f"select count(*) from '{output}/*.parquet'").fetchall() == [(0,)]
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "missing_bucket"])
+def test_an_output_that_cannot_be_written_fails_before_any_replica(
+    image_model, colour_images, tmp_path, where, s3_endpoint
+):
+    (tmp_path / "a-file").write_text("not a folder")
+    output = {"under_a_file": str(tmp_path / "a-file" / "out"),
+              "missing_bucket": "s3://no-such-bucket-here/out"}[where]
+    with pytest.raises(UsageError, match=f"cannot write to the output {output}") as caught:
+        run_job("job-ro", JobSpec(colour_images[0], image_model, output))
+    assert "part-00000" not in str(caught.value)
