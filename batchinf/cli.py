@@ -111,6 +111,11 @@ def submit(
         typer.Option(help="Custom Ray resources per replica, KEY=VALUE[,KEY=VALUE]: pins "
                      "replicas to the node type that has them."),
     ] = None,
+    allowed_buckets: Annotated[
+        str | None,
+        typer.Option(help="The only buckets the manifest's s3:// rows may name, B1[,B2]; other "
+                     "rows get bad_uri [default: any the deployment allows]."),
+    ] = None,
     model_version: Annotated[int | None, typer.Option(help="Model version [default: highest].")] = None,
     shard_size: Annotated[int | None, typer.Option(help="Rows per committed Parquet part [default: 1024].")] = None,
     max_error_rate: Annotated[
@@ -141,6 +146,8 @@ def submit(
         "replicas": replicas, "gpus_per_replica": gpus_per_replica,
         "cpus_per_replica": cpus_per_replica, "decode_cpus": decode_cpus,
         "replica_resources": parse_resources(replica_resources) if replica_resources else None,
+        "allowed_buckets": [b.strip() for b in allowed_buckets.split(",") if b.strip()]
+        if allowed_buckets is not None else None,
         "model_version": model_version, "shard_size": shard_size,
         "max_error_rate": max_error_rate, "priority": priority,
         "idempotency_key": idempotency_key,

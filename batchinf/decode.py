@@ -5,7 +5,7 @@ A bad row never fails the batch: every problem with one image is recorded throug
 
 error_kind  meaning
 ----------  ---------------------------------------------------------------
-bad_uri     the uri cell is empty or not a path, file:// or s3:// URI
+bad_uri     the uri cell is empty, not a path or s3:// URI, or outside what the job may read
 not_found   no object or file at the uri
 fetch_error the object exists but could not be read (permissions, network)
 empty       a zero-byte object
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from batchinf import storage
+from batchinf.access import ReadPolicy
 from batchinf.errors import NotFoundError, StorageError
 
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
@@ -63,12 +64,14 @@ def fail_row(errors: RowErrors, position: int, kind: str, message: str) -> None:
     errors[position] = (kind, message[:500])
 
 
-def fetch(uri: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
-    """The bytes of one image, or a ``RowProblem`` saying what went wrong."""
-    if not uri.strip():
-        raise RowProblem("bad_uri", "the uri cell is empty")
-    if "://" in uri and not uri.startswith(("s3://", "file://")):
-        raise RowProblem("bad_uri", f"unsupported scheme in {uri!r} (use s3://, file:// or a path)")
+def fetch(uri: str, max_bytes: int = MAX_IMAGE_BYTES, policy: ReadPolicy | None = None) -> bytes:
+    """The bytes of one image, or a ``RowProblem`` saying what went wrong.
+
+    ``policy`` says which URIs may be read (``batchinf.access``); by default, this process's.
+    """
+    refusal = (policy or ReadPolicy.from_env()).refusal(uri)
+    if refusal:
+        raise RowProblem("bad_uri", refusal)
     try:
         data = storage.read_bytes(uri)
     except NotFoundError as exc:
@@ -154,7 +157,8 @@ def _lower_priority(nice: int) -> None:
 
 
 def decode_batch(
-    uris: list[str], spec: InputSpec, threads: int = FETCH_THREADS, nice: int = DECODE_NICE
+    uris: list[str], spec: InputSpec, threads: int = FETCH_THREADS, nice: int = DECODE_NICE,
+    policy: ReadPolicy | None = None,
 ) -> DecodedBatch:
     """Fetch and decode ``uris`` in threads: fetches wait on I/O, Pillow releases the GIL.
 
@@ -163,7 +167,7 @@ def decode_batch(
     """
 
     def one(uri: str) -> np.ndarray | bytes:
-        return prepare(fetch(uri), spec)
+        return prepare(fetch(uri, policy=policy), spec)
 
     batch = DecodedBatch(size=len(uris), positions=[])
     results: list[np.ndarray | bytes] = []

@@ -80,6 +80,7 @@ class JobSpec:
     priority: int = 0
     idempotency_key: str | None = None
     replica_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources
+    allowed_buckets: list[str] | None = None  # None: any bucket the deployment allows (access.py)
 
     def validate(self) -> None:
         """Reject a spec no run could honour; the message names the option."""
@@ -104,6 +105,10 @@ class JobSpec:
                 raise UsageError(
                     f"--replica-resources takes custom resources with amounts above 0, got {name}={amount}"
                 )
+        if self.allowed_buckets is not None and not all(
+            isinstance(b, str) and b and "/" not in b for b in self.allowed_buckets
+        ):
+            raise UsageError(f"--allowed-buckets takes bucket names, got {self.allowed_buckets}")
         if self.model_version is not None and self.model_version < 0:
             raise UsageError(f"--model-version must be a version number, got {self.model_version}")
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchinf import manifest, metrics, sink, storage
+from batchinf.access import ReadPolicy
 from batchinf.decode import decode_batch
 from batchinf.errors import BatchinfError, InfrastructureError, JobFailed, UsageError
 from batchinf.job import JobSpec
@@ -121,8 +122,12 @@ class JobRunner:
             progress.begin_processing()
             task = ray.remote(decode_batch).options(**pool.decode_options())
 
+            policy = ReadPolicy.from_env(
+                tuple(spec.allowed_buckets) if spec.allowed_buckets is not None else None)
+
             def decode(uris: list[str]) -> Any:
-                return task.remote(uris, info.input, reserved.fetch_threads, reserved.decode_nice)
+                return task.remote(uris, info.input, reserved.fetch_threads, reserved.decode_nice,
+                                   policy)
 
             self._decode = decode
             cancelled = self._stream(pool, committed, progress)

@@ -490,3 +490,11 @@ def test_no_token_or_secret_key_is_written_in_a_deployment_file() -> None:
         assert not re.search(r"RAY_AUTH_TOKEN[=:]\s*['\"]?[0-9A-Za-z]{16,}", text), path.name
         assert not re.search(r"auth_token:\s*\S", text), path.name
         assert not re.search(r"AWS_SECRET_ACCESS_KEY[=:]\s*[A-Za-z0-9/+]{30,}", text), path.name
+
+
+def test_every_deployment_limits_what_manifest_rows_may_read_locally() -> None:
+    cluster = yaml.safe_load((ROOT / "ray-cluster.yaml").read_text())
+    assert "--env BATCHINF_LOCAL_ROOTS=/data" in cluster["docker"]["run_options"]
+    assert compose()["services"]["ray-head"]["environment"]["BATCHINF_LOCAL_ROOTS"] == "/data"
+    dispatcher = k8s_docs()["Deployment/batchinf-dispatcher"]
+    assert env_of(dispatcher["spec"]["template"]["spec"]["containers"][0])["BATCHINF_LOCAL_ROOTS"] == "/data"

@@ -37,7 +37,8 @@ def test_stored_keys_are_pinned_so_old_records_stay_readable() -> None:
         "runner", "spec", "started_at", "state", "summary", "updated_at", "waiting",
     ]  # fmt: skip
     assert sorted(data["spec"]) == [
-        "batch_size", "cpus_per_replica", "decode_cpus", "gpus_per_replica", "idempotency_key", "manifest",
+        "allowed_buckets", "batch_size", "cpus_per_replica", "decode_cpus", "gpus_per_replica",
+        "idempotency_key", "manifest",
         "max_error_rate", "model", "model_version", "output", "priority", "replica_resources",
         "replicas_max", "replicas_min", "shard_size", "top_k",
     ]  # fmt: skip
@@ -54,6 +55,7 @@ def test_a_record_without_the_newer_keys_still_reads() -> None:
     for key in ("attempts", "retry_at", "waiting"):
         del data[key]
     del data["spec"]["replica_resources"]
+    del data["spec"]["allowed_buckets"]
     assert Job.from_dict(data) == job
 
 
