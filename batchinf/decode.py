@@ -24,16 +24,18 @@ import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from batchinf import storage
 from batchinf.access import ReadPolicy
-from batchinf.errors import NotFoundError, StorageError
+from batchinf.errors import NotFoundError, StorageError, TooLarge
 
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MAX_IMAGE_PIXELS = 100_000_000
 FETCH_THREADS = 16
+EXIF_ORIENTATION = 0x0112
 DECODE_NICE = 10  # decode threads yield the CPU to the model (see docs/performance.md)
 
 RowErrors = dict[int, tuple[str, str]]
@@ -73,7 +75,9 @@ def fetch(uri: str, max_bytes: int = MAX_IMAGE_BYTES, policy: ReadPolicy | None 
     if refusal:
         raise RowProblem("bad_uri", refusal)
     try:
-        data = storage.read_bytes(uri)
+        data = storage.read_bytes(uri, max_bytes)
+    except TooLarge as exc:
+        raise RowProblem("too_large", str(exc)) from exc
     except NotFoundError as exc:
         raise RowProblem("not_found", str(exc)) from exc
     except StorageError as exc:
@@ -123,12 +127,23 @@ def decode_image(data: bytes, height: int, width: int, max_pixels: int = MAX_IMA
     try:
         # JPEG can decode straight at a reduced scale: much cheaper for large photos.
         image.draft("RGB", (width, height))
+        image = _upright(image)
         image = image.convert("RGB")
         if image.size != (width, height):
             image = image.resize((width, height), Image.Resampling.BILINEAR)
         return np.asarray(image, dtype=np.uint8)
     except Exception as exc:  # truncated or otherwise corrupt data surfaces on load
         raise RowProblem("corrupt_image", f"cannot decode: {exc}") from exc
+
+
+def _upright(image: Any) -> Any:
+    """The image turned as its EXIF orientation says (as cameras and viewers show it), before
+    any resize; an image without the tag is returned as it is, with no copy."""
+    from PIL import ImageOps
+
+    if image.getexif().get(EXIF_ORIENTATION, 1) in (2, 3, 4, 5, 6, 7, 8):
+        return ImageOps.exif_transpose(image)
+    return image
 
 
 def check_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> None:

@@ -7,6 +7,7 @@
     ├── ModelError                 the model folder or its signature is unusable
     ├── StorageError               a read or write on a local path or S3 failed
     │   ├── NotFoundError          the object or file does not exist
+    │   ├── TooLarge               over the size asked for, refused before its body is read
     │   └── PreconditionFailed     a conditional write lost its race (exists / etag moved)
     ├── JobError                   a job record cannot be created, found or changed
     │   ├── JobNotFound
@@ -49,6 +50,10 @@ class StorageError(BatchinfError):
 
 
 class NotFoundError(StorageError):
+    pass
+
+
+class TooLarge(StorageError):
     pass
 
 

@@ -29,7 +29,7 @@ import threading
 from collections.abc import Iterator
 from typing import IO, Any
 
-from batchinf.errors import NotFoundError, PreconditionFailed, StorageError
+from batchinf.errors import NotFoundError, PreconditionFailed, StorageError, TooLarge
 
 _client_lock = threading.Lock()
 _clients: dict[int, Any] = {}
@@ -104,21 +104,31 @@ def _os_errors(uri: str) -> Iterator[None]:
         raise StorageError(f"cannot access {uri}: {exc.strerror or exc}") from exc
 
 
-def read_bytes(uri: str) -> bytes:
-    return read_with_etag(uri)[0]
+def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
+    """The whole object; ``TooLarge`` from its size alone if it is over ``max_bytes``."""
+    return read_with_etag(uri, max_bytes)[0]
 
 
-def read_with_etag(uri: str) -> tuple[bytes, str]:
+def read_with_etag(uri: str, max_bytes: int | None = None) -> tuple[bytes, str]:
     """The object's bytes and the etag a later ``write_bytes(if_match=...)`` compares against."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
         with _s3_errors(uri):
             obj = s3_client().get_object(Bucket=bucket, Key=key)
+            _check_size(uri, int(obj.get("ContentLength", 0)), max_bytes, obj["Body"].close)
             data = obj["Body"].read()
         return data, str(obj["ETag"])
     with _os_errors(uri), open(local_path(uri), "rb") as f:
+        _check_size(uri, os.fstat(f.fileno()).st_size, max_bytes, lambda: None)
         data = f.read()
     return data, _local_etag(data)
+
+
+def _check_size(uri: str, size: int, max_bytes: int | None, close: Any) -> None:
+    """Refuse from the response's Content-Length or the file's size, before reading the body."""
+    if max_bytes is not None and size > max_bytes:
+        close()
+        raise TooLarge(f"{uri} is {size} bytes, over the {max_bytes}-byte limit")
 
 
 @contextlib.contextmanager

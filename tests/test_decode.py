@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import io
+import tracemalloc
 
 import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
-from batchinf.decode import InputSpec, decode_batch
+from batchinf.decode import InputSpec, RowProblem, check_size, decode_batch, fetch, prepare
 
 SPEC = InputSpec("image", 8, 8)
 
@@ -83,3 +87,123 @@ def test_decode_threads_yield_to_the_model_and_leave_the_process_alone() -> None
     thread.join()
     assert seen == [min(before + 7, 19)]
     assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the calling thread is untouched
+
+
+def _two_tone(size=(40, 30)) -> Image.Image:
+    """Red on top, blue below: any turn of it shows."""
+    image = Image.new("RGB", size, (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, size[0], size[1] // 2))
+    return image
+
+
+def _encoded(image: Image.Image, fmt: str, orientation: int | None = None) -> bytes:
+    out = io.BytesIO()
+    exif = Image.Exif()
+    if orientation:
+        exif[0x0112] = orientation
+    image.save(out, format=fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("orientation, turn", [
+    (3, Image.Transpose.ROTATE_180), (6, Image.Transpose.ROTATE_270), (8, Image.Transpose.ROTATE_90),
+    (2, Image.Transpose.FLIP_LEFT_RIGHT),
+])
+def test_exif_orientation_is_applied_before_resizing(orientation, turn):
+    tagged = prepare(_encoded(_two_tone(), "PNG", orientation), SPEC)
+    turned = prepare(_encoded(_two_tone().transpose(turn), "PNG"), SPEC)
+    assert np.array_equal(tagged, turned)
+    assert not np.array_equal(tagged, prepare(_encoded(_two_tone(), "PNG"), SPEC)) or orientation == 2
+    jpeg_tagged = prepare(_encoded(_two_tone(), "JPEG", orientation), SPEC).astype(int)
+    jpeg_turned = prepare(_encoded(_two_tone().transpose(turn), "JPEG"), SPEC).astype(int)
+    assert np.abs(jpeg_tagged - jpeg_turned).mean() < 3
+
+
+def test_an_over_large_file_is_refused_from_its_size_without_reading_it(tmp_path):
+    path = tmp_path / "big.jpg"
+    with open(path, "wb") as f:
+        f.truncate(80 * 2**20)  # 80 MiB, sparse: costs no disk
+    tracemalloc.start()
+    try:
+        batch = decode_batch([str(path)], SPEC)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert batch.errors[0][0] == "too_large" and "83886080 bytes" in batch.errors[0][1]
+    assert peak < 4 * 2**20
+
+
+def test_an_over_large_s3_object_is_refused_from_its_length_without_downloading_it(monkeypatch):
+    import subprocess
+    import sys
+    import time
+
+    import boto3
+
+    from batchinf import storage
+    from tests.conftest import free_port
+
+    # Its own moto server process, so this process's memory is the client's alone.
+    port = free_port()
+    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-p", str(port)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        endpoint = f"http://127.0.0.1:{port}"
+        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+        for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            monkeypatch.setenv(key, "testing")
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        monkeypatch.setattr(storage, "_clients", {})  # a client for this endpoint
+        client = boto3.client("s3")
+        for _ in range(100):
+            try:
+                client.create_bucket(Bucket="big")
+                break
+            except Exception:
+                time.sleep(0.1)
+        client.put_object(Bucket="big", Key="big.jpg", Body=b"\xff" * 8 * 2**20)
+        client.put_object(Bucket="big", Key="small.jpg", Body=b"\xff")
+        fetch("s3://big/small.jpg")  # the client, its service model and a connection, made first
+        tracemalloc.start()
+        try:
+            with pytest.raises(RowProblem, match="8388608 bytes"):
+                fetch("s3://big/big.jpg", max_bytes=1000)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert peak < 2**20
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def _seeds() -> list[bytes]:
+    seeds = [_encoded(_two_tone(), fmt) for fmt in ("PNG", "JPEG", "GIF", "BMP", "WEBP", "TIFF")]
+    bomb = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(bomb, format="PNG")  # 144 Mpixel in a few KB
+    return [*seeds, bomb.getvalue()]
+
+
+SEEDS = _seeds()
+KINDS = {"not_an_image", "corrupt_image", "too_large", "empty"}
+
+
+@settings(max_examples=300, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.one_of(
+    st.binary(max_size=4096),
+    st.tuples(st.sampled_from(SEEDS), st.integers(0, 10**6), st.binary(min_size=1, max_size=8),
+              st.integers(0, 10**6)).map(
+        lambda t: (t[0][: t[1] % len(t[0]) + 8] if t[3] % 3 == 0 else t[0])[: t[1] % len(t[0])]
+        + t[2] + t[0][t[1] % len(t[0]) + len(t[2]):]),
+))
+def test_any_bytes_give_pixels_or_an_error_kind_and_nothing_else(data):
+    try:
+        pixels = prepare(data, SPEC)
+    except RowProblem as problem:
+        assert problem.kind in KINDS
+    else:
+        assert pixels.shape == (8, 8, 3) and pixels.dtype == np.uint8
+    try:
+        check_size(data, "the body")
+    except RowProblem as problem:
+        assert problem.kind == "empty"

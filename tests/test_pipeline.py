@@ -188,3 +188,25 @@ def test_an_output_that_cannot_be_written_fails_before_any_replica(
     with pytest.raises(UsageError, match=f"cannot write to the output {output}") as caught:
         run_job("job-ro", JobSpec(colour_images[0], image_model, output))
     assert "part-00000" not in str(caught.value)
+
+
+def test_an_exif_turned_photo_scores_as_the_same_photo_turned_in_pixels(ray_local, tmp_path):
+    from PIL import Image
+
+    from tests.models import make_top_half_model
+
+    model = make_top_half_model(str(tmp_path / "top-half"))
+    photo = Image.new("RGB", (40, 30), (0, 0, 255))
+    photo.paste((255, 0, 0), (0, 0, 20, 30))  # red on the left, blue on the right
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "turn 90 degrees clockwise to show": red ends up on top
+    photo.save(tmp_path / "tagged.jpg", quality=95, exif=exif.tobytes())
+    photo.transpose(Image.Transpose.ROTATE_270).save(tmp_path / "turned.jpg", quality=95)
+    photo.save(tmp_path / "as-stored.jpg", quality=95)
+    rows = [[str(tmp_path / n)] for n in ("tagged.jpg", "turned.jpg", "as-stored.jpg")]
+    output = str(tmp_path / "out")
+    run_job("job-exif", JobSpec(write_manifest(tmp_path / "m.csv", ["uri"], rows), model, output))
+    tagged, turned, stored = (_topk(r) for r in _read(output))
+    assert [label for label, _ in tagged] == [label for label, _ in turned]
+    assert [s for _, s in tagged] == pytest.approx([s for _, s in turned], abs=0.02)
+    assert tagged[0][0] == "red" and stored[0][0] != "red"  # the model sees which way is up
