@@ -7,7 +7,8 @@ error_kind  meaning
 ----------  ---------------------------------------------------------------
 bad_uri     the uri cell is empty, not a path or s3:// URI, or outside what the job may read
 not_found   no object or file at the uri
-fetch_error the object exists but could not be read (permissions, network)
+fetch_error the object could not be read, even after retries (network, 5xx)
+access_denied the credentials may not read it (403)
 empty       a zero-byte object
 too_large   more bytes or pixels than the job allows
 not_an_image the bytes are not an image format Pillow knows
@@ -30,7 +31,7 @@ import numpy as np
 
 from batchinf import storage
 from batchinf.access import ReadPolicy
-from batchinf.errors import NotFoundError, StorageError, TooLarge
+from batchinf.errors import AccessDenied, NotFoundError, StorageError, TooLarge
 
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MAX_IMAGE_PIXELS = 100_000_000
@@ -78,6 +79,8 @@ def fetch(uri: str, max_bytes: int = MAX_IMAGE_BYTES, policy: ReadPolicy | None 
         data = storage.read_bytes(uri, max_bytes)
     except TooLarge as exc:
         raise RowProblem("too_large", str(exc)) from exc
+    except AccessDenied as exc:
+        raise RowProblem("access_denied", str(exc)) from exc
     except NotFoundError as exc:
         raise RowProblem("not_found", str(exc)) from exc
     except StorageError as exc:

@@ -8,6 +8,7 @@
     ├── StorageError               a read or write on a local path or S3 failed
     │   ├── NotFoundError          the object or file does not exist
     │   ├── TooLarge               over the size asked for, refused before its body is read
+    │   ├── AccessDenied           the credentials may not read or write it (403)
     │   └── PreconditionFailed     a conditional write lost its race (exists / etag moved)
     ├── JobError                   a job record cannot be created, found or changed
     │   ├── JobNotFound
@@ -54,6 +55,10 @@ class NotFoundError(StorageError):
 
 
 class TooLarge(StorageError):
+    pass
+
+
+class AccessDenied(StorageError):
     pass
 
 

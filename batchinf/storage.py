@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import hashlib
 import io
 import os
@@ -29,7 +30,13 @@ import threading
 from collections.abc import Iterator
 from typing import IO, Any
 
-from batchinf.errors import NotFoundError, PreconditionFailed, StorageError, TooLarge
+from batchinf.errors import (
+    AccessDenied,
+    NotFoundError,
+    PreconditionFailed,
+    StorageError,
+    TooLarge,
+)
 
 _client_lock = threading.Lock()
 _clients: dict[int, Any] = {}
@@ -67,7 +74,14 @@ def s3_client() -> Any:
             import boto3
             from botocore.config import Config
 
-            config = Config(max_pool_connections=64, retries={"max_attempts": 5, "mode": "standard"})
+            config = Config(
+                max_pool_connections=64,
+                connect_timeout=_seconds("BATCHINF_S3_CONNECT_TIMEOUT", 5.0),
+                read_timeout=_seconds("BATCHINF_S3_READ_TIMEOUT", 30.0),
+                # One retry policy, _retrying's, around each whole call (request and body):
+                # botocore's own would multiply with it and cannot see a body cut off midway.
+                retries={"total_max_attempts": 1, "mode": "standard"},
+            )
             client = boto3.session.Session().client("s3", config=config)
             _clients[pid] = client
         return client
@@ -77,6 +91,7 @@ def s3_client() -> Any:
 def _s3_errors(uri: str) -> Iterator[None]:
     """Translate botocore errors into batchinf's, where they enter."""
     from botocore.exceptions import BotoCoreError, ClientError
+    from urllib3.exceptions import HTTPError as Urllib3Error
 
     try:
         yield
@@ -87,9 +102,67 @@ def _s3_errors(uri: str) -> Iterator[None]:
             raise NotFoundError(f"not found: {uri}") from exc
         if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
             raise PreconditionFailed(f"conditional write lost its race: {uri}") from exc
+        if code in ("AccessDenied", "403", "Forbidden") or status == 403:
+            raise AccessDenied(f"access denied: {uri}") from exc
         raise StorageError(f"S3 error on {uri}: {code or status}") from exc
     except BotoCoreError as exc:
         raise StorageError(f"S3 error on {uri}: {exc}") from exc
+    except (Urllib3Error, OSError) as exc:  # a connection cut below botocore's own handling
+        raise StorageError(f"S3 error on {uri}: {type(exc).__name__}: {exc}") from exc
+
+
+ATTEMPTS = int(os.environ.get("BATCHINF_S3_ATTEMPTS", "6"))
+_TRANSIENT_CODES = {"SlowDown", "InternalError", "ServiceUnavailable", "RequestTimeout",
+                    "RequestTimeTooSkewed", "500", "503"}
+
+
+def _seconds(name: str, default: float) -> float:
+    return float(os.environ.get(name, default))
+
+
+def _transient(exc: BaseException) -> bool:
+    """An error that a later try may not meet: throttling, 5xx, a reset, a stall, a cut body."""
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        IncompleteReadError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+    from urllib3.exceptions import HTTPError as Urllib3Error
+
+    if isinstance(exc, ClientError):
+        error = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0
+        return str(error.get("Code", "")) in _TRANSIENT_CODES or status >= 500
+    return isinstance(exc, ConnectionClosedError | ConnectTimeoutError | EndpointConnectionError
+                      | IncompleteReadError | ReadTimeoutError | ResponseStreamingError
+                      | Urllib3Error | ConnectionError | TimeoutError)
+
+
+def _retrying(uri: str, call: Any) -> Any:
+    """``call()`` tried up to ``ATTEMPTS`` times while it fails transiently, with full-jitter
+    exponential back-off (up to 0.2 s, doubling, at most 5 s a wait: 6.2 s in all for six
+    tries); then its error, translated."""
+    import time
+
+    for attempt in range(1, ATTEMPTS + 1):
+        try:
+            with _s3_errors(uri):
+                return call()
+        except StorageError as exc:
+            if attempt == ATTEMPTS or not _transient(exc.__cause__ or exc):
+                raise
+            time.sleep(_backoff(attempt))
+    raise AssertionError("not reached")
+
+
+def _backoff(attempt: int) -> float:
+    import random
+
+    return random.uniform(0, min(5.0, 0.2 * 2 ** (attempt - 1)))
 
 
 @contextlib.contextmanager
@@ -113,11 +186,19 @@ def read_with_etag(uri: str, max_bytes: int | None = None) -> tuple[bytes, str]:
     """The object's bytes and the etag a later ``write_bytes(if_match=...)`` compares against."""
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        with _s3_errors(uri):
+
+        def read() -> tuple[bytes, str]:
             obj = s3_client().get_object(Bucket=bucket, Key=key)
             _check_size(uri, int(obj.get("ContentLength", 0)), max_bytes, obj["Body"].close)
             data = obj["Body"].read()
-        return data, str(obj["ETag"])
+            if len(data) != int(obj.get("ContentLength", len(data))):
+                from botocore.exceptions import IncompleteReadError
+
+                raise IncompleteReadError(actual_bytes=len(data),
+                                          expected_bytes=obj["ContentLength"])
+            return data, str(obj["ETag"])
+
+        return _retrying(uri, read)
     with _os_errors(uri), open(local_path(uri), "rb") as f:
         _check_size(uri, os.fstat(f.fileno()).st_size, max_bytes, lambda: None)
         data = f.read()
@@ -135,10 +216,7 @@ def _check_size(uri: str, size: int, max_bytes: int | None, close: Any) -> None:
 def open_binary(uri: str) -> Iterator[IO[bytes]]:
     """A byte stream over the object, read as it goes (never loaded whole)."""
     if is_s3(uri):
-        bucket, key = split_s3(uri)
-        with _s3_errors(uri):
-            body = s3_client().get_object(Bucket=bucket, Key=key)["Body"]
-        with io.BufferedReader(_ReadableStream(body, uri)) as raw:
+        with io.BufferedReader(_ReadableStream(uri)) as raw:
             yield raw
         return
     with _os_errors(uri), open(local_path(uri), "rb") as f:
@@ -146,19 +224,45 @@ def open_binary(uri: str) -> Iterator[IO[bytes]]:
 
 
 class _ReadableStream(io.RawIOBase):
-    """Adapts botocore's StreamingBody to ``io`` so it can be buffered and decoded lazily."""
+    """An S3 object as a raw stream. A body cut off midway is asked for again from where it
+    stopped (an HTTP Range), so a long manifest survives a reset without losing a byte."""
 
-    def __init__(self, body: Any, uri: str) -> None:
-        self._body = body
+    def __init__(self, uri: str) -> None:
         self._uri = uri
+        self._bucket, self._key = split_s3(uri)
+        self._position = 0
+        self._size: int | None = None
+        self._body = self._open()
+
+    def _open(self) -> Any:
+        extra = {"Range": f"bytes={self._position}-"} if self._position else {}
+        obj = _retrying(self._uri, lambda: s3_client().get_object(
+            Bucket=self._bucket, Key=self._key, **extra))
+        if self._size is None:
+            self._size = int(obj.get("ContentLength", 0))
+        return obj["Body"]
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        with _s3_errors(self._uri):
-            chunk = self._body.read(len(buffer))
+        import time
+
+        for attempt in range(1, ATTEMPTS + 1):
+            try:
+                with _s3_errors(self._uri):
+                    chunk = self._body.read(len(buffer))
+                    if not chunk and self._size is not None and self._position < self._size:
+                        raise ConnectionResetError("the body ended before its Content-Length")
+                break
+            except StorageError as exc:
+                if attempt == ATTEMPTS or not _transient(exc.__cause__ or exc):
+                    raise
+                time.sleep(_backoff(attempt))
+                self._body.close()
+                self._body = self._open()
         buffer[: len(chunk)] = chunk
+        self._position += len(chunk)
         return len(chunk)
 
     def close(self) -> None:
@@ -183,10 +287,33 @@ def write_bytes(
             kwargs["IfNoneMatch"] = "*"
         if if_match is not None:
             kwargs["IfMatch"] = if_match
-        with _s3_errors(uri):
-            response = s3_client().put_object(Bucket=bucket, Key=key, Body=data, **kwargs)
+        try:
+            response = _retrying(
+                uri, lambda: s3_client().put_object(Bucket=bucket, Key=key, Body=data, **kwargs))
+        except PreconditionFailed:
+            if not kwargs:
+                raise
+            landed = _our_write_landed(uri, data)
+            if landed is None:
+                raise
+            return landed
         return str(response["ETag"])
     return _write_local(local_path(uri), data, if_none_match=if_none_match, if_match=if_match)
+
+
+def _our_write_landed(uri: str, data: bytes) -> str | None:
+    """After a conditional PUT answered 412: the object's etag if it holds exactly ``data``.
+
+    A PUT whose reply was lost is sent again by the retry; the first one had landed, so the
+    second meets its own write and fails its condition. Reading back tells a lost reply from a
+    real conflict: the bytes are ours (job records carry a run id and a time, so another
+    writer's are not the same). Nothing is written twice: the retry's condition stopped it.
+    """
+    try:
+        current, etag = read_with_etag(uri)
+    except NotFoundError:
+        return None
+    return etag if current == data else None
 
 
 def _local_etag(data: bytes) -> str:
@@ -241,8 +368,7 @@ def exists(uri: str) -> bool:
     if is_s3(uri):
         bucket, key = split_s3(uri)
         try:
-            with _s3_errors(uri):
-                s3_client().head_object(Bucket=bucket, Key=key)
+            _retrying(uri, lambda: s3_client().head_object(Bucket=bucket, Key=key))
         except NotFoundError:
             return False
         return True
@@ -253,14 +379,17 @@ def _s3_children(folder: str) -> tuple[list[str], list[str]]:
     """(object names, sub-folder names) directly under an S3 prefix, each sorted."""
     bucket, key = split_s3(folder)
     prefix = key.rstrip("/") + "/" if key else ""
-    names: list[str] = []
-    folders: list[str] = []
-    with _s3_errors(folder):
+
+    def listing() -> tuple[list[str], list[str]]:
+        names: list[str] = []
+        folders: list[str] = []
         pages = s3_client().get_paginator("list_objects_v2")
         for page in pages.paginate(Bucket=bucket, Prefix=prefix, Delimiter="/"):
             names.extend(obj["Key"][len(prefix) :] for obj in page.get("Contents", []))
             folders.extend(p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", []))
-    return sorted(names), sorted(folders)
+        return sorted(names), sorted(folders)
+
+    return _retrying(folder, listing)  # type: ignore[no-any-return]
 
 
 def list_names(folder: str) -> list[str]:
@@ -276,8 +405,7 @@ def list_names(folder: str) -> list[str]:
 def delete(uri: str) -> None:
     if is_s3(uri):
         bucket, key = split_s3(uri)
-        with _s3_errors(uri):
-            s3_client().delete_object(Bucket=bucket, Key=key)
+        _retrying(uri, lambda: s3_client().delete_object(Bucket=bucket, Key=key))
         return
     with contextlib.suppress(FileNotFoundError), _os_errors(uri):
         os.unlink(local_path(uri))
@@ -312,19 +440,20 @@ def download_folder(folder: str, destination: str) -> None:
     bucket, key = split_s3(folder)
     prefix = key.rstrip("/") + "/" if key else ""
     client = s3_client()
-    with _s3_errors(folder):
-        count = 0
-        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for obj in page.get("Contents", []):
-                relative = obj["Key"][len(prefix) :]
-                if not relative or relative.endswith("/"):
-                    continue
-                target = os.path.join(destination, relative)
-                os.makedirs(os.path.dirname(target), exist_ok=True)
-                client.download_file(bucket, obj["Key"], target)
-                count += 1
-    if count == 0:
+
+    def listing() -> list[str]:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        return [obj["Key"] for page in pages for obj in page.get("Contents", [])]
+
+    keys = [k for k in _retrying(folder, listing) if k[len(prefix):] and not k.endswith("/")]
+    if not keys:
         raise NotFoundError(f"no objects under {folder}")
+    for object_key in keys:
+        relative = object_key[len(prefix):]
+        target = os.path.join(destination, relative)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        _retrying(join(folder, relative),
+                  functools.partial(client.download_file, bucket, object_key, target))
 
 
 def upload_folder(source: str, folder: str) -> None:
@@ -336,4 +465,6 @@ def upload_folder(source: str, folder: str) -> None:
             for name in files:
                 path = os.path.join(root, name)
                 relative = os.path.relpath(path, source).replace(os.sep, "/")
-                client.upload_file(path, bucket, "/".join(p for p in (key.rstrip("/"), relative) if p))
+                target = "/".join(p for p in (key.rstrip("/"), relative) if p)
+                _retrying(join(folder, relative),
+                          functools.partial(client.upload_file, path, bucket, target))
