@@ -129,6 +129,17 @@ def moto_bucket(ctx: BenchContext) -> Iterator[dict[str, str]]:
         yield env
 
 
+@contextlib.contextmanager
+def moto_bucket_with_503s(ctx: BenchContext) -> Iterator[dict[str, str]]:
+    """``moto_bucket`` behind the fault proxy: 10% of requests answered 503 SlowDown."""
+    from bench.faultproxy import FaultProxy
+
+    with moto_bucket(ctx) as env, FaultProxy(env["AWS_ENDPOINT_URL"], {"slowdown": 0.1},
+                                             seed=1) as proxy:
+        yield {**env, "AWS_ENDPOINT_URL": proxy.endpoint}
+        print(f"fault proxy: {dict(proxy.counts)}")
+
+
 PIPELINES: dict[str, Pipeline] = {
     p.name: p
     for p in [
@@ -170,6 +181,12 @@ PIPELINES: dict[str, Pipeline] = {
             "batchinf submit --wait, manifest, images, model and output on S3 (moto, 127.0.0.1)",
             _batchinf("batchinf-s3", s3=True),
             setup=moto_bucket,
+        ),
+        Pipeline(
+            "batchinf-s3-503",
+            "batchinf-s3 through the fault proxy: 10% of S3 requests answered 503 SlowDown",
+            _batchinf("batchinf-s3-503", s3=True),
+            setup=moto_bucket_with_503s,
         ),
     ]
 }

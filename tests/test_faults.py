@@ -148,3 +148,15 @@ def test_a_whole_job_on_s3_through_faults_loses_no_row_and_writes_none_twice(
     assert [r["error_kind"] for r in table if r["error_kind"]] == ["access_denied"]
     assert JobStore.from_uri(f"s3://{bucket}/store").list()[0].state is JobState.SUCCEEDED
     assert faults >= 20, proxy.counts
+
+
+def test_an_output_the_credentials_may_not_write_fails_before_any_replica(bucket, through,
+                                                                          image_model, tmp_path):
+    from batchinf.errors import UsageError
+    from batchinf.pipeline import run_job
+
+    manifest_uri = write_manifest(tmp_path / "m.csv", ["uri"], [["a.png"]])
+    through(forbid={"/locked-out/"})
+    output = f"s3://{bucket}/locked-out/run1"
+    with pytest.raises(UsageError, match=f"cannot write to the output {output}: access denied"):
+        run_job("job-denied", JobSpec(manifest_uri, image_model, output))
