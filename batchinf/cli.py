@@ -155,9 +155,10 @@ def submit(
     spec = _build_spec(manifest, given, date)
     from batchinf.manifest import read_columns
     from batchinf.model import resolve_model
+    from batchinf.signature import inspect
 
     read_columns(spec.manifest)  # a cron typo fails now, in one line, not in a queued job
-    resolve_model(spec.model, spec.model_version)
+    inspect(resolve_model(spec.model, spec.model_version))  # and a model it cannot feed
     address = None if address in (None, "", "local") else address
     if address is None:  # runs here, with this machine's files and credentials: check now
         from batchinf import storage

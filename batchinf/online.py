@@ -39,7 +39,8 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from batchinf import metrics
 from batchinf.decode import MAX_IMAGE_BYTES, DecodedBatch, RowProblem, check_size, prepare
 from batchinf.model import ModelSource
-from batchinf.predictor import Predictor, check_labels, ranked
+from batchinf.predictor import Predictor, ranked
+from batchinf.signature import check_labels
 
 MAX_BODY_BYTES = MAX_IMAGE_BYTES  # the batch jobs' per-image limit, 64 MiB
 RAW_TYPES = ("image/", "application/octet-stream")

@@ -32,8 +32,9 @@ from batchinf.job import JobSpec
 from batchinf.model import ModelSource, resolve_model
 from batchinf.planner import Plan
 from batchinf.pool import PredictorPool
-from batchinf.predictor import PredictedBatch, check_labels
+from batchinf.predictor import PredictedBatch
 from batchinf.progress import Progress
+from batchinf.signature import check_labels, inspect
 
 BATCH_TRIES = 5  # sends of one batch before its loss ends the attempt as an infrastructure error
 STALL_TIMEOUT_S = float(os.environ.get("BATCHINF_STALL_TIMEOUT", "900"))
@@ -93,6 +94,7 @@ class JobRunner:
 
         spec = self.spec
         source = resolve_model(spec.model, spec.model_version)
+        inspect(source)  # a model batchinf cannot feed, or wrong labels: refused before replicas
         columns = manifest.read_columns(spec.manifest)
         progress = Progress(rows_total=manifest.count_rows(spec.manifest))
         sink.check_writable(spec.output, self.job_id)  # before any replica starts

@@ -27,7 +27,8 @@ from batchinf.errors import InfrastructureError, JobFailed, ModelError
 from batchinf.job import JobSpec
 from batchinf.model import ModelSource
 from batchinf.planner import NodeView, Plan, describe, plan
-from batchinf.predictor import ModelInfo, Predictor
+from batchinf.predictor import Predictor
+from batchinf.signature import ModelInfo
 
 START_TIMEOUT_S = float(os.environ.get("BATCHINF_REPLICA_START_TIMEOUT", "600"))
 REPLICA_LOSS_TIMEOUT_S = float(os.environ.get("BATCHINF_REPLICA_LOSS_TIMEOUT", "300"))

@@ -18,11 +18,10 @@ from typing import Any
 import numpy as np
 
 from batchinf import storage
-from batchinf.decode import DecodedBatch, InputSpec, RowErrors, fail_row
+from batchinf.decode import DecodedBatch, RowErrors, fail_row
 from batchinf.errors import ModelError
 from batchinf.model import ModelSource
-
-OUTPUT_PREFERENCE = ("probabilities", "scores", "predictions", "probs", "logits", "output_0")
+from batchinf.signature import ModelInfo, Signature, Tensor, model_info
 
 
 @dataclass
@@ -34,14 +33,6 @@ class PredictedBatch:
     class_ids: np.ndarray  # int32 [len(positions), k], best first
     scores: np.ndarray  # float32 [len(positions), k]
     errors: RowErrors = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    input: InputSpec
-    input_name: str
-    output_name: str
-    num_classes: int
 
 
 class Predictor:
@@ -66,7 +57,7 @@ class Predictor:
         if "serving_default" not in signatures:
             raise ModelError(f"{source.saved_model_uri} has no 'serving_default' signature")
         self._fn = signatures["serving_default"]
-        self.info = _read_signature(tf, self._fn, source)
+        self.info = model_info(_signature_of(self._fn), source)
         low, high = source.input_range or _default_range(self._input_dtype)
         self._call = self._compile((high - low) / 255.0, low)
         self._warm_up(warm_up_rows)
@@ -189,15 +180,6 @@ class Predictor:
         return np.stack(kept_scores), kept_positions
 
 
-def check_labels(source: ModelSource, num_classes: int) -> None:
-    """``labels.txt`` must name every class the model scores, no more and no fewer."""
-    if source.labels is not None and len(source.labels) != num_classes:
-        raise ModelError(
-            f"{len(source.labels)} labels beside {source.saved_model_uri}, "
-            f"but the model scores {num_classes} classes"
-        )
-
-
 def _load(tf: Any, uri: str) -> Any:
     try:
         if storage.is_s3(uri):
@@ -214,37 +196,16 @@ def _default_range(dtype: Any) -> tuple[float, float]:
     return (0.0, 255.0) if dtype.name == "uint8" else (0.0, 1.0)
 
 
-def _read_signature(tf: Any, fn: Any, source: ModelSource) -> ModelInfo:
+def _signature_of(fn: Any) -> Signature:
+    """The loaded serving function's signature, in the terms ``signature.model_info`` checks."""
+
+    def tensor(spec: Any) -> Tensor:
+        shape = tuple(spec.shape.as_list()) if spec.shape.rank is not None else None
+        return Tensor(spec.dtype.name, shape)
+
     _, kwargs = fn.structured_input_signature
-    if len(kwargs) != 1:
-        raise ModelError(f"the serving signature takes {len(kwargs)} inputs; batchinf needs one image input")
-    input_name, spec = next(iter(kwargs.items()))
-    output_name, classes = _pick_output(fn.structured_outputs)
-    if spec.dtype == tf.string:
-        return ModelInfo(InputSpec("bytes"), input_name, output_name, classes)
-    shape = spec.shape.as_list() if spec.shape.rank is not None else None
-    if shape is None or len(shape) != 4 or shape[3] not in (3, None):
-        raise ModelError(f"input {input_name!r} has shape {shape}; expected [N, H, W, 3] or tf.string")
-    height, width = shape[1], shape[2]
-    if height is None or width is None:
-        if source.input_size is None:
-            raise ModelError(
-                f"input {input_name!r} has no fixed size; declare \"input_size\": [H, W] in model.json"
-            )
-        height, width = source.input_size
-    return ModelInfo(InputSpec("image", int(height), int(width)), input_name, output_name, classes)
-
-
-def _pick_output(outputs: dict[str, Any]) -> tuple[str, int]:
-    ranked = [n for n in outputs if outputs[n].shape.rank == 2 and outputs[n].dtype.is_floating]
-    if not ranked:
-        raise ModelError(f"no [N, classes] float output among {sorted(outputs)}")
-    preferred = [n for n in OUTPUT_PREFERENCE if n in ranked]
-    name = preferred[0] if preferred else sorted(ranked)[0]
-    classes = outputs[name].shape.as_list()[1]
-    if classes is None:
-        raise ModelError(f"output {name!r} has no fixed number of classes")
-    return name, int(classes)
+    return Signature({n: tensor(s) for n, s in kwargs.items()},
+                     {n: tensor(s) for n, s in fn.structured_outputs.items()})
 
 
 def ranked(class_ids: np.ndarray, scores: np.ndarray, labels: tuple[str, ...] | None) -> list[dict]:
