@@ -27,6 +27,7 @@ PLANTED = {
     "AWS_ACCESS_KEY_ID": "AKIAPLANTED" + uuid.uuid4().hex[:9].upper(),
     "AWS_SECRET_ACCESS_KEY": f"planted-secret-{uuid.uuid4().hex}",
     "AWS_SESSION_TOKEN": f"planted-session-{uuid.uuid4().hex}",
+    "RAY_AUTH_TOKEN": os.urandom(32).hex(),  # the local head runs with token auth on
 }
 
 
@@ -63,7 +64,8 @@ def test_planted_credentials_and_the_ray_token_appear_in_nothing_the_job_leaves(
     # The proxy answers 403 for locked.png: the planted credentials "may not" read it.
     with FaultProxy(s3_endpoint, forbid={"locked.png"}) as proxy:
         env = {**{k: v for k, v in os.environ.items() if not k.startswith("RAY_")}, **PLANTED,
-               "AWS_ENDPOINT_URL": proxy.endpoint, "HOME": str(home), "BATCHINF_STORE": store}
+               "AWS_ENDPOINT_URL": proxy.endpoint, "HOME": str(home), "BATCHINF_STORE": store,
+               "RAY_AUTH_MODE": "token"}
         try:
             submitted = _cli(env, "submit", f"s3://{bucket}/m.csv", "--model",
                              f"s3://{bucket}/model", "--output", output, "--json")
@@ -72,6 +74,7 @@ def test_planted_credentials_and_the_ray_token_appear_in_nothing_the_job_leaves(
             logs = _cli(env, "logs", job_id)
             status = _cli(env, "status", job_id, "--json")
             head = json.loads(Path(store, "local-head.json").read_text())
+            ray_files = _texts_under(head["temp_dir"])  # before the head stops and removes them
         finally:
             for dispatcher in dispatchers(store):
                 dispatcher.send_signal(signal.SIGTERM)
@@ -88,14 +91,12 @@ def test_planted_credentials_and_the_ray_token_appear_in_nothing_the_job_leaves(
         "parquet metadata": json.dumps({str(k): str(v) for k, v in (table.schema.metadata or {}).items()}).encode(),
         **{f"{output}/{n}": storage.read_bytes(f"{output}/{n}") for n in storage.list_names(output)},
         **_texts_under(store),
-        **_texts_under(head["temp_dir"]),
+        **ray_files,
         "dispatcher log": (home / ".batchinf-dispatcher.log").read_bytes(),
     }
     assert any("raylet" in path for path in left) and any("job-driver" in p for p in left)
+    assert b"token: the RAY_AUTH_TOKEN environment variable" in left["dispatcher log"]
     secrets = [v.encode() for k, v in PLANTED.items() if k != "AWS_ACCESS_KEY_ID"]
-    token_file = home / ".ray" / "auth_token"
-    assert token_file.exists()  # the local head ran with token auth
-    secrets.append(token_file.read_bytes().strip())
     for secret in secrets:
         leaks = [where for where, data in left.items() if secret in data]
         assert leaks == [], f"{secret[:14]!r}... found in {leaks[:5]}"
