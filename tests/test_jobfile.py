@@ -18,13 +18,25 @@ from batchinf.store import JobStore
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(autouse=True)
+def _signature(image_model: str) -> None:
+    """The real saved_model.pb that ``write_spec`` puts in its model folder."""
+    global SAVED_MODEL_PB
+    SAVED_MODEL_PB = os.path.join(image_model, "2", "saved_model.pb")
+
+
+SAVED_MODEL_PB = ""
+
+
 def write_spec(tmp_path: Any, **extra: Any) -> str:
     """A spec whose manifest and model pass submit's up-front checks, for any date."""
+    import shutil
+
     (tmp_path / "manifests").mkdir(exist_ok=True)
     for day in ("2026-11-21", "2026-11-22"):
         (tmp_path / "manifests" / f"{day}.csv").write_text("uri\na.png\n")
     (tmp_path / "m" / "1").mkdir(parents=True, exist_ok=True)
-    (tmp_path / "m" / "1" / "saved_model.pb").write_bytes(b"")
+    shutil.copy(SAVED_MODEL_PB, tmp_path / "m" / "1" / "saved_model.pb")
     spec = {"name": "nightly", "manifest": str(tmp_path / "manifests" / "{date}.csv"),
             "model": str(tmp_path / "m"), "output": str(tmp_path / "out" / "{date}"),
             "priority": 5, "replicas": "1:3", **extra}

@@ -57,15 +57,17 @@ def _output_rows(output: str) -> list[str]:
     return pq.read_table(output, columns=["n"]).column("n").to_pylist()
 
 
-def _queueable(tmp_path) -> None:
-    """A manifest and a model folder that pass submit's up-front checks."""
+def _queueable(tmp_path, image_model) -> None:
+    """A manifest and a model folder that pass submit's up-front checks (a real signature)."""
+    import shutil
+
     (tmp_path / "m.csv").write_text("uri\na.png\n")
     (tmp_path / "m" / "1").mkdir(parents=True)
-    (tmp_path / "m" / "1" / "saved_model.pb").write_bytes(b"")
+    shutil.copy(os.path.join(image_model, "2", "saved_model.pb"), tmp_path / "m" / "1")
 
 
-def test_async_submit_returns_an_id_at_once_without_heavy_imports(tmp_path):
-    _queueable(tmp_path)
+def test_async_submit_returns_an_id_at_once_without_heavy_imports(tmp_path, image_model):
+    _queueable(tmp_path, image_model)
     env = dict(os.environ, BATCHINF_STORE=str(tmp_path / "store"), RAY_ADDRESS="http://127.0.0.1:9")
     code = (
         "import sys, runpy; sys.argv = ['batchinf', 'submit', 'm.csv', '--model', 'm', '--output', 'o',"
@@ -80,8 +82,8 @@ def test_async_submit_returns_an_id_at_once_without_heavy_imports(tmp_path):
     assert elapsed < 5  # whole interpreter; the product target (< 1 s) is measured in bench/
 
 
-def test_idempotency_key_returns_the_first_job(tmp_path):
-    _queueable(tmp_path)
+def test_idempotency_key_returns_the_first_job(tmp_path, image_model):
+    _queueable(tmp_path, image_model)
     env = dict(os.environ, BATCHINF_STORE=str(tmp_path / "store"), RAY_ADDRESS="http://127.0.0.1:9")
     argv = [sys.executable, "-m", "batchinf.cli", "submit", "m.csv", "--model", "m", "--output", "o",
             "--idempotency-key", "nightly-2026-11-21", "--json"]
