@@ -17,6 +17,8 @@ streamed, and a shard's rows are dropped as soon as its part is committed.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import os
 import time
@@ -329,17 +331,61 @@ def ensure_ray(address: str | None = None, *, dashboard: bool = False) -> str | 
 
     if ray.is_initialized():
         return None
+    held = _NoticeHolder()
     try:
-        context = ray.init(
-            address=address,
-            log_to_driver=False,
-            configure_logging=False,
-            include_dashboard=True if dashboard else None,
-        )
+        with held:
+            context = ray.init(
+                address=address,
+                log_to_driver=False,
+                configure_logging=False,
+                include_dashboard=True if dashboard else None,
+            )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise BatchinfError(f"cannot start or reach Ray ({address or 'RAY_ADDRESS'}): {exc}") from exc
+    held.write_to_session_log()
     url = getattr(context, "dashboard_url", None)
     return f"http://{url}" if url and "://" not in url else url
+
+
+class _NoticeHolder(logging.Handler):
+    """Ray's notices while it starts (its token-auth banner) kept from the user's terminal,
+    where only batchinf's own lines go, and written to ``batchinf-driver.log`` in the Ray
+    session's log folder instead."""
+
+    LOGGERS = ("ray._private.authentication.authentication_token_setup",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def __enter__(self) -> _NoticeHolder:
+        for name in self.LOGGERS:
+            logger = logging.getLogger(name)
+            logger.addHandler(self)
+            logger.propagate = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name in self.LOGGERS:
+            logger = logging.getLogger(name)
+            logger.removeHandler(self)
+            logger.propagate = True
+
+    def write_to_session_log(self) -> None:
+        from ray._private import worker  # the session folder has no public accessor
+
+        node = getattr(worker, "_global_node", None)
+        if not self.lines or node is None:
+            return
+        with contextlib.suppress(OSError), open(
+            os.path.join(node.get_session_dir_path(), "logs", "batchinf-driver.log"), "a",
+            encoding="utf-8",
+        ) as log:
+            log.write("\n".join(self.lines) + "\n")
 
 
 def _resolve(manifest_uri: str, uri: str) -> str:

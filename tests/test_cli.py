@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -168,6 +169,8 @@ def test_submit_wait_off_a_terminal_logs_plain_progress_lines(image_model, colou
     assert progress and "images/s" in progress[-1] and " 12/12 rows (100%)" in progress[-1]
     assert "\r" not in result.stderr  # log lines, not a redrawn bar
     assert result.stdout.splitlines()[0].endswith(": SUCCEEDED")
+    own = re.compile(r"^(bi-\S+ submitted|\d{4}-\d\d-\d\d \d\d:\d\d:\d\d bi-\S+: .*)$")
+    assert [line for line in result.stderr.splitlines() if not own.match(line)] == []
 
 
 def test_the_demo_classifies_held_out_digits(ray_local, tmp_path, monkeypatch):
