@@ -162,12 +162,8 @@ def submit(
     address = None if address in (None, "", "local") else address
     if address is None:  # runs here, with this machine's files and credentials: check now
         from batchinf import storage
-        from batchinf.errors import StorageError
 
-        try:
-            storage.check_writable(spec.output, "_batchinf-write-check-submit")
-        except StorageError as exc:
-            raise UsageError(str(exc)) from exc
+        storage.check_writable(spec.output, "_batchinf-write-check-submit")
     job_store = JobStore.from_uri(store)
     job, created = job_store.create(spec)
     said = "submitted" if created else "already submitted (same idempotency key)"

@@ -2,7 +2,8 @@
 
     BatchinfError                  anything batchinf reports to a user
     ├── UsageError                 a bad argument or option (exit code 2)
-    │   └── OutputTaken            another queued or running job writes that output
+    │   ├── OutputTaken            another queued or running job writes that output
+    │   └── OutputNotWritable      the output cannot be written (found before any work starts)
     ├── ManifestError              the manifest cannot be read or has no `uri` column
     ├── ModelError                 the model folder or its signature is unusable
     ├── StorageError               a read or write on a local path or S3 failed
@@ -35,6 +36,10 @@ class UsageError(BatchinfError):
 
 
 class OutputTaken(UsageError):
+    pass
+
+
+class OutputNotWritable(UsageError):
     pass
 
 

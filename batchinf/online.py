@@ -40,7 +40,6 @@ from batchinf import metrics
 from batchinf.decode import MAX_IMAGE_BYTES, DecodedBatch, RowProblem, check_size, prepare
 from batchinf.model import ModelSource
 from batchinf.predictor import Predictor, ranked
-from batchinf.signature import check_labels
 
 MAX_BODY_BYTES = MAX_IMAGE_BYTES  # the batch jobs' per-image limit, 64 MiB
 RAW_TYPES = ("image/", "application/octet-stream")
@@ -211,7 +210,6 @@ class Classifier:
         threads = settings.threads or len(os.sched_getaffinity(0))
         self._predictor = Predictor(settings.source, settings.top_k, threads,
                                     warm_up_rows=settings.max_batch_size)
-        check_labels(settings.source, self._predictor.info.num_classes)
         self._classify_batch.set_max_batch_size(settings.max_batch_size)
         self._classify_batch.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000.0)
 

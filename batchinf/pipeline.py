@@ -36,7 +36,7 @@ from batchinf.planner import Plan
 from batchinf.pool import PredictorPool
 from batchinf.predictor import PredictedBatch
 from batchinf.progress import Progress
-from batchinf.signature import check_labels, inspect
+from batchinf.signature import inspect
 
 BATCH_TRIES = 5  # sends of one batch before its loss ends the attempt as an infrastructure error
 STALL_TIMEOUT_S = float(os.environ.get("BATCHINF_STALL_TIMEOUT", "900"))
@@ -99,7 +99,7 @@ class JobRunner:
         inspect(source)  # a model batchinf cannot feed, or wrong labels: refused before replicas
         columns = manifest.read_columns(spec.manifest)
         progress = Progress(rows_total=manifest.count_rows(spec.manifest))
-        sink.check_writable(spec.output, self.job_id)  # before any replica starts
+        storage.check_writable(spec.output, f"_batchinf-write-check-{self.job_id}")  # no work yet
         committed = sink.committed_parts(spec.output)
         if storage.exists(storage.join(spec.output, sink.SUCCESS)) and not committed:
             raise UsageError(f"output {spec.output} holds a finished result already")
@@ -122,7 +122,6 @@ class JobRunner:
             if reserved is None:  # cancelled while waiting for room
                 return JobResult(self._summary(source, columns, progress, None), cancelled=True)
             info = pool.start()
-            check_labels(source, info.num_classes)
             progress.begin_processing()
             task = ray.remote(decode_batch).options(**pool.decode_options())
 
@@ -376,16 +375,21 @@ class _NoticeHolder(logging.Handler):
             logger.propagate = True
 
     def write_to_session_log(self) -> None:
-        from ray._private import worker  # the session folder has no public accessor
-
-        node = getattr(worker, "_global_node", None)
-        if not self.lines or node is None:
+        folder = session_dir()
+        if not self.lines or folder is None:
             return
         with contextlib.suppress(OSError), open(
-            os.path.join(node.get_session_dir_path(), "logs", "batchinf-driver.log"), "a",
-            encoding="utf-8",
+            os.path.join(folder, "logs", "batchinf-driver.log"), "a", encoding="utf-8"
         ) as log:
             log.write("\n".join(self.lines) + "\n")
+
+
+def session_dir() -> str | None:
+    """The Ray session folder of the instance this process started or joined (None if none)."""
+    from ray._private import worker  # the session folder has no public accessor
+
+    node = getattr(worker, "_global_node", None)
+    return node.get_session_dir_path() if node is not None else None
 
 
 def _resolve(manifest_uri: str, uri: str) -> str:

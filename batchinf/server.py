@@ -111,10 +111,12 @@ def stop_on_signals() -> Iterator[threading.Event]:
 def serve(options: ServeOptions, token: str | None, say: Callable[[str], None]) -> str:
     """Serve until a signal; return the signal's name. ``say`` gets one line per step."""
     from batchinf.model import resolve_model
-    from batchinf.pipeline import ensure_ray
+    from batchinf.pipeline import ensure_ray, session_dir
+    from batchinf.signature import inspect
 
     options.validate()
     source = resolve_model(options.model, options.model_version)  # a typo fails before Ray starts
+    inspect(source)  # and so does a model it cannot feed, or labels of the wrong length
     local = options.address is None
     if local:
         _check_port_free(options.host, options.port)
@@ -124,7 +126,7 @@ def serve(options: ServeOptions, token: str | None, say: Callable[[str], None]) 
     import ray
 
     if local:
-        say(f"local Ray started; its logs in {_session_dir()}/logs")
+        say(f"local Ray started; its logs in {session_dir() or '/tmp/ray/session_latest'}/logs")
 
     started_serve = False
     try:
@@ -146,13 +148,6 @@ def serve(options: ServeOptions, token: str | None, say: Callable[[str], None]) 
     finally:
         ray.shutdown()
     return ""  # not reached: the wait above ends only by a signal
-
-
-def _session_dir() -> str:
-    from ray._private import worker  # the session folder has no public accessor
-
-    node = getattr(worker, "_global_node", None)
-    return node.get_session_dir_path() if node is not None else "/tmp/ray/session_latest"
 
 
 def _check_port_free(host: str, port: int) -> None:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchinf import storage
-from batchinf.errors import StorageError, UsageError
+from batchinf.errors import UsageError
 from batchinf.manifest import Shard
 from batchinf.predictor import PredictedBatch, ranked
 
@@ -149,14 +149,6 @@ def write_empty_part(output: str, columns: Sequence[str], job_id: str) -> str:
     """A zero-row part with the full schema, so a job of no rows leaves a readable output."""
     schema = output_schema(columns).with_metadata({"batchinf.job_id": job_id})
     return write_part(output, 0, schema.empty_table())
-
-
-def check_writable(output: str, job_id: str) -> None:
-    """Fail before any replica starts, naming the output, if it cannot be written."""
-    try:
-        storage.check_writable(output, f"_batchinf-write-check-{job_id}")
-    except StorageError as exc:
-        raise UsageError(str(exc)) from exc
 
 
 def write_success(output: str, summary: dict) -> None:

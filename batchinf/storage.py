@@ -33,6 +33,7 @@ from typing import IO, Any
 from batchinf.errors import (
     AccessDenied,
     NotFoundError,
+    OutputNotWritable,
     PreconditionFailed,
     StorageError,
     TooLarge,
@@ -232,41 +233,38 @@ class _ReadableStream(io.RawIOBase):
         self._bucket, self._key = split_s3(uri)
         self._position = 0
         self._size: int | None = None
-        self._body = self._open()
-
-    def _open(self) -> Any:
-        extra = {"Range": f"bytes={self._position}-"} if self._position else {}
-        obj = _retrying(self._uri, lambda: s3_client().get_object(
-            Bucket=self._bucket, Key=self._key, **extra))
-        if self._size is None:
-            self._size = int(obj.get("ContentLength", 0))
-        return obj["Body"]
+        self._body: Any = None
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer: Any) -> int:
-        import time
-
-        for attempt in range(1, ATTEMPTS + 1):
-            try:
-                with _s3_errors(self._uri):
-                    chunk = self._body.read(len(buffer))
-                    if not chunk and self._size is not None and self._position < self._size:
-                        raise ConnectionResetError("the body ended before its Content-Length")
-                break
-            except StorageError as exc:
-                if attempt == ATTEMPTS or not _transient(exc.__cause__ or exc):
-                    raise
-                time.sleep(_backoff(attempt))
-                self._body.close()
-                self._body = self._open()
+        chunk = _retrying(self._uri, lambda: self._read(len(buffer)))
         buffer[: len(chunk)] = chunk
         self._position += len(chunk)
         return len(chunk)
 
+    def _read(self, size: int) -> bytes:
+        """One chunk, (re)opening the body at the current position when there is none."""
+        if self._body is None:
+            extra = {"Range": f"bytes={self._position}-"} if self._position else {}
+            obj = s3_client().get_object(Bucket=self._bucket, Key=self._key, **extra)
+            if self._size is None:
+                self._size = int(obj.get("ContentLength", 0))
+            self._body = obj["Body"]
+        try:
+            chunk = self._body.read(size)
+            if not chunk and self._size is not None and self._position < self._size:
+                raise ConnectionResetError("the body ended before its Content-Length")
+        except BaseException:
+            self._body.close()
+            self._body = None  # the next try opens it again from here
+            raise
+        return bytes(chunk)
+
     def close(self) -> None:
-        self._body.close()
+        if self._body is not None:
+            self._body.close()
         super().close()
 
 
@@ -412,7 +410,7 @@ def delete(uri: str) -> None:
 
 
 def check_writable(folder: str, probe_name: str) -> None:
-    """Write and remove ``probe_name`` in ``folder``; ``StorageError`` naming the folder if not."""
+    """Write and remove ``probe_name`` in ``folder``; ``OutputNotWritable`` naming it if not."""
     probe = join(folder, probe_name)
     try:
         if not is_s3(folder):
@@ -422,7 +420,7 @@ def check_writable(folder: str, probe_name: str) -> None:
         delete(probe)
     except StorageError as exc:
         reason = str(exc.__cause__.strerror) if isinstance(exc.__cause__, OSError) else str(exc)
-        raise StorageError(f"cannot write to the output {folder}: {reason}") from exc
+        raise OutputNotWritable(f"cannot write to the output {folder}: {reason}") from exc
 
 
 def list_folders(folder: str) -> list[str]:
