@@ -130,6 +130,11 @@ def test_a_whole_job_on_s3_through_faults_loses_no_row_and_writes_none_twice(
     with FaultProxy(s3_endpoint, rates=MIXED, seed=4, stall_s=1.5, forbid={"secret.png"}) as proxy:
         env = {**{k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"},
                "AWS_ENDPOINT_URL": proxy.endpoint, "BATCHINF_S3_READ_TIMEOUT": "1",
+               # One request in three meets a fault here, a thousand times S3's rate. At six
+               # tries a call runs out with odds 0.3**6, which over the job's ~250 calls made
+               # by concurrent workers (so in no fixed order) failed one run in ~7. Ten tries
+               # leave odds of 0.3**10 a call: the test is about rows, not the try budget.
+               "BATCHINF_S3_ATTEMPTS": "10",
                "BATCHINF_STORE": f"s3://{bucket}/store", "HOME": str(tmp_path)}
         done = subprocess.run(
             [sys.executable, "-m", "batchinf.cli", "submit", f"s3://{bucket}/m.csv", "--model",
