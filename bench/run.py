@@ -98,8 +98,14 @@ def clear_run(out: Path) -> None:
     shutil.rmtree(job_store_for(out), ignore_errors=True)
 
 
-def _batchinf(name: str, *options: str, s3: bool = False) -> ArgvBuilder:
-    """``batchinf submit --wait`` on the local files, or on the same files through S3."""
+def warm_store(ctx: BenchContext) -> Path:
+    """The job store of the warm runs, whose dispatcher keeps a local Ray head up."""
+    return ctx.work / "warm-store"
+
+
+def _batchinf(name: str, *options: str, s3: bool = False, warm: bool = False) -> ArgvBuilder:
+    """``batchinf submit --wait`` on the local files, or on the same files through S3; ``warm``:
+    with the store whose embedded dispatcher already runs a local Ray (``warm_ray``)."""
 
     def build(ctx: BenchContext, out: Path) -> list[str]:
         manifest, model, output = ctx.manifest, ctx.model, str(out)
@@ -109,7 +115,8 @@ def _batchinf(name: str, *options: str, s3: bool = False) -> ArgvBuilder:
             output = f"s3://{BUCKET}/out/{out.name}"
         return [
             ctx.python, "-m", "bench.baselines", "batchinf", "--manifest", manifest,
-            "--model", model, "--out", output, "--store", str(job_store_for(out)),
+            "--model", model, "--out", output,
+            "--store", str(warm_store(ctx) if warm else job_store_for(out)),
             "--name", name, "--submit", " ".join(options),
         ]
 
@@ -140,6 +147,37 @@ def moto_bucket_with_503s(ctx: BenchContext) -> Iterator[dict[str, str]]:
         print(f"fault proxy: {dict(proxy.counts)}")
 
 
+@contextlib.contextmanager
+def warm_ray(ctx: BenchContext) -> Iterator[dict[str, str]]:
+    """What a user has a minute after a ``batchinf submit``: the embedded dispatcher of the
+    store, holding its lease, with the local Ray head it started (``ray start --head``)."""
+    import json
+
+    store = warm_store(ctx)
+    shutil.rmtree(store, ignore_errors=True)
+    store.mkdir(parents=True)
+    log = (ctx.work / "logs" / "warm-dispatcher.log")
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as sink:
+        dispatcher = subprocess.Popen(
+            [sys.executable, "-m", "batchinf.cli", "dispatcher", "--store", str(store)],
+            env=_child_env({}), stdout=sink, stderr=sink, cwd=str(PROJECT_ROOT))
+    try:
+        head = store / "local-head.json"
+        deadline = time.monotonic() + 120
+        while not head.exists() and time.monotonic() < deadline:
+            if dispatcher.poll() is not None:
+                raise SystemExit(f"the warm dispatcher exited; see {log}")
+            time.sleep(0.5)
+        print(f"warm: dispatcher {dispatcher.pid} runs a local head "
+              f"{json.loads(head.read_text()).get('gcs_address')}", flush=True)
+        yield {}
+    finally:
+        dispatcher.terminate()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            dispatcher.wait(timeout=60)
+
+
 PIPELINES: dict[str, Pipeline] = {
     p.name: p
     for p in [
@@ -163,6 +201,12 @@ PIPELINES: dict[str, Pipeline] = {
             "batchinf-local",
             "batchinf submit --wait, embedded local Ray, images and model on local disk",
             _batchinf("batchinf-local"),
+        ),
+        Pipeline(
+            "batchinf-warm",
+            "batchinf-local while the store's embedded dispatcher keeps a local Ray running",
+            _batchinf("batchinf-warm", warm=True),
+            setup=warm_ray,
         ),
         Pipeline(
             "batchinf-2x1",
