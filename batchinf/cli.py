@@ -167,7 +167,8 @@ def submit(
     job_store = JobStore.from_uri(store)
     job, created = job_store.create(spec)
     said = "submitted" if created else "already submitted (same idempotency key)"
-    dispatched = _ensure_dispatcher(job_store, address, start=not wait)
+    head = _local_head(job_store, address, wait)
+    dispatched = head is None and _ensure_dispatcher(job_store, address, start=not wait)
     if not wait:
         _show({"job_id": job.job_id, "state": job.state.value, "created": created}, as_json,
               f"{job.job_id} {said} ({job.state.value})")
@@ -177,7 +178,18 @@ def submit(
     if dispatched or not created or job.state is not JobState.QUEUED:
         _follow(job_store, job.job_id, as_json)
     else:
-        _run_here(job_store, job.job_id, as_json)
+        _run_here(job_store, job.job_id, as_json, head)
+
+
+def _local_head(job_store: Any, address: str | None, wait: bool) -> Any:
+    """With ``--wait`` and no cluster: the running local head of the store's embedded
+    dispatcher, which this process joins to run the job itself (no Ray to start, no driver
+    to launch, no poll to wait for). None: no such head, or not a ``--wait`` here."""
+    if not wait or address is not None:
+        return None
+    from batchinf.localray import running_head
+
+    return running_head(job_store)
 
 
 def _build_spec(source: str, given: dict[str, Any], date: str | None) -> Any:
@@ -213,10 +225,13 @@ def _ensure_dispatcher(job_store: Any, address: str | None, *, start: bool) -> b
     With none and ``start``, a local dispatcher (with its own local Ray) starts in the
     background and exits after a minute with nothing to do.
     """
-    from batchinf.dispatcher import holder_is_gone
+    from batchinf.dispatcher import holder_is_gone, nudge
 
     holder = job_store.lease_holder()
-    if address or (holder is not None and not holder_is_gone(holder)):
+    if address:
+        return True
+    if holder is not None and not holder_is_gone(holder):
+        nudge(holder)  # a dispatcher on this machine takes the job now, not at its next poll
         return True
     if not start:
         return False
@@ -233,8 +248,10 @@ def _ensure_dispatcher(job_store: Any, address: str | None, *, start: bool) -> b
     return True
 
 
-def _run_here(job_store: Any, job_id: str, as_json: bool) -> None:
-    """Embedded default: run the job in this process on a local Ray instance, with progress.
+def _run_here(job_store: Any, job_id: str, as_json: bool, head: Any = None) -> None:
+    """Embedded default: run the job in this process on a local Ray instance, with progress:
+    the store's running local ``head`` if there is one, else one started for this run alone
+    (without the dashboard, which would end with it).
 
     An attempt the infrastructure ended is run again here after its back-off, unless a
     dispatcher took the job over meanwhile (then its record is followed).
@@ -242,18 +259,29 @@ def _run_here(job_store: Any, job_id: str, as_json: bool) -> None:
     import time
 
     from batchinf.display import ProgressDisplay
-    from batchinf.errors import JobError
+    from batchinf.errors import BatchinfError, JobError
     from batchinf.job import JobState
     from batchinf.pipeline import ensure_ray
-    from batchinf.worker import execute
+    from batchinf.worker import abandon, run_claimed
 
-    ensure_ray("local")
     while True:
+        run_id = f"local-{job_id}-a{_next(job_store, job_id)}"
+        # Claimed before Ray starts or is joined: a dispatcher's next round would take a job
+        # left QUEUED for those seconds, and this process would only follow it.
+        if job_store.claim(job_id, run_id) is None:
+            return _follow(job_store, job_id, as_json)
+        try:
+            if head is not None:
+                ensure_ray(head.gcs_address)
+            else:
+                ensure_ray("local", dashboard=False)
+        except BatchinfError as exc:
+            abandon(job_store, job_id, run_id, exc)
+            raise
         with ProgressDisplay(job_id, quiet=as_json) as display:
             try:
-                job = execute(job_store, job_id, f"local-{job_id}-a{_next(job_store, job_id)}",
-                              display.update)
-            except JobError:  # claimed elsewhere meanwhile
+                job = run_claimed(job_store, job_id, run_id, display.update)
+            except JobError:  # taken over meanwhile
                 return _follow(job_store, job_id, as_json)
         if job.state is not JobState.QUEUED:
             return _show_final(job, as_json)
@@ -448,14 +476,15 @@ def resume(
 
     job = job_store.update(job_id, requeue)
     address = None if address in (None, "", "local") else address
-    dispatched = _ensure_dispatcher(job_store, address, start=not wait)
+    head = _local_head(job_store, address, wait)
+    dispatched = head is None and _ensure_dispatcher(job_store, address, start=not wait)
     if not wait:
         _show({"job_id": job_id, "state": job.state.value}, as_json, f"{job_id}: {job.state.value}")
         return
     if dispatched:
         _follow(job_store, job_id, as_json)
     else:
-        _run_here(job_store, job_id, as_json)
+        _run_here(job_store, job_id, as_json, head)
 
 
 @app.command()

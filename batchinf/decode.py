@@ -168,10 +168,15 @@ def check_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
 
 
 def _lower_priority(nice: int) -> None:
-    """Make the calling thread (only it: Linux niceness is per thread) yield to the model's."""
+    """Make the calling thread (only it: Linux niceness is per thread) yield to the model's.
+
+    ``nice`` is added to the thread's own niceness: Ray starts workers, replicas included,
+    at niceness 15, so an absolute 10 would have put decode *ahead* of the model.
+    """
     if nice > 0 and sys.platform.startswith("linux"):  # elsewhere the id could name a process
+        tid = threading.get_native_id()
         with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
 
 
 def decode_batch(

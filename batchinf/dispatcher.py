@@ -264,6 +264,26 @@ def knobs() -> dict[str, str]:
     }
 
 
+def nudge(owner: str) -> bool:
+    """Wake the dispatcher ``owner`` (``host:pid``) for its next round now, not at its next
+    poll, when it runs on this host; True if it was woken. The process is checked to be a
+    batchinf dispatcher first: SIGUSR1 would end any other process."""
+    import psutil
+
+    host, _, pid = owner.rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        process = psutil.Process(int(pid))
+        args = process.cmdline()
+        if "dispatcher" not in args or not any("batchinf" in arg for arg in args):
+            return False
+        process.send_signal(signal.SIGUSR1)
+    except (psutil.Error, OSError):
+        return False
+    return True
+
+
 def holder_is_gone(owner: str) -> bool:
     """True when a lease ``owner`` (``host:pid``) is a process on this host that has exited."""
     from batchinf.localray import process_is_gone
@@ -273,24 +293,30 @@ def holder_is_gone(owner: str) -> bool:
 
 
 class _StopOnSignal:
-    """SIGTERM and SIGINT end the loop cleanly, so the local head is stopped too."""
+    """SIGTERM and SIGINT end the loop cleanly, so the local head is stopped too. SIGUSR1
+    (``nudge``: a job was just submitted on this machine) ends the current wait at once."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
+        self._woken = False
         self._old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             try:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread: leave signals alone
                 continue
 
     def _handle(self, signum: int, frame: Any) -> None:
+        if signum == signal.SIGUSR1:
+            self._woken = True
+            return
         self.signal = signal.Signals(signum).name
 
     def sleep(self, seconds: float) -> None:
         deadline = time.monotonic() + seconds
-        while not self.signal and time.monotonic() < deadline:
-            time.sleep(min(0.2, seconds))
+        while not self.signal and not self._woken and time.monotonic() < deadline:
+            time.sleep(min(0.05, seconds))
+        self._woken = False
 
     def restore(self) -> None:
         for sig, handler in self._old.items():

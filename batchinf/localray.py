@@ -109,16 +109,29 @@ def token_hint() -> str:
     return "none required"
 
 
+def recorded_head(store: Any) -> LocalHead | None:
+    """The local head the store's embedded dispatcher recorded, if it is on this machine."""
+    record = store.local_head()
+    if not record or record.get("host") != socket.gethostname():
+        return None
+    return LocalHead(record["jobs_address"], record["gcs_address"], record["temp_dir"],
+                     int(record.get("client_port", 0)), int(record.get("metrics_port", 0)))
+
+
+def running_head(store: Any) -> LocalHead | None:
+    """The store's local head when its processes run (``submit --wait`` joins it), else None."""
+    head = recorded_head(store)
+    return head if head is not None and head.processes() else None
+
+
 def adopt_or_start(store: Any) -> LocalHead:
     """The store's local head: the recorded one if it still answers, else a new one.
 
     A recorded head that no longer answers (a crashed dispatcher's half-dead head) is stopped
     first, so no orphaned Ray processes are left beside the new head.
     """
-    record = store.local_head()
-    if record and record.get("host") == socket.gethostname():
-        old = LocalHead(record["jobs_address"], record["gcs_address"], record["temp_dir"],
-                        int(record.get("client_port", 0)), int(record.get("metrics_port", 0)))
+    old = recorded_head(store)
+    if old is not None:
         if old.processes() and old.answers():
             return old
         old.stop()

@@ -17,6 +17,7 @@ streamed, and a shard's rows are dropped as soon as its part is committed.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import math
@@ -65,6 +66,7 @@ class _Batch:
     actor: Any
     tries: int = 1
     sent_at: float = 0.0
+    pixels: Any = None  # its decode task's result (a Ray object ref) until it is sent
 
 
 class JobRunner:
@@ -89,6 +91,7 @@ class JobRunner:
         self._first_part_s: float | None = None
         self._busy: list[float] = []
         self._redone = 0
+        self._prefetched = 0
         self._began = time.monotonic()
 
     def run(self) -> JobResult:
@@ -96,7 +99,7 @@ class JobRunner:
 
         spec = self.spec
         source = resolve_model(spec.model, spec.model_version)
-        inspect(source)  # a model batchinf cannot feed, or wrong labels: refused before replicas
+        info = inspect(source)  # a model batchinf cannot feed, or wrong labels: no replica yet
         columns = manifest.read_columns(spec.manifest)
         progress = Progress(rows_total=manifest.count_rows(spec.manifest))
         storage.check_writable(spec.output, f"_batchinf-write-check-{self.job_id}")  # no work yet
@@ -121,8 +124,7 @@ class JobRunner:
             reserved = pool.reserve()
             if reserved is None:  # cancelled while waiting for room
                 return JobResult(self._summary(source, columns, progress, None), cancelled=True)
-            info = pool.start()
-            progress.begin_processing()
+            pool.launch()  # the replicas load the model while the first batches decode
             task = ray.remote(decode_batch).options(**pool.decode_options())
 
             policy = ReadPolicy.from_env(
@@ -133,6 +135,7 @@ class JobRunner:
                                    policy)
 
             self._decode = decode
+            self._prefetch = _prefetch_batches(info.input, spec.batch_size, reserved.max_in_flight)
             cancelled = self._stream(pool, committed, progress)
             if not cancelled:  # a cancelled replica's queue may still hold batches: don't wait
                 self._busy = pool.busy_seconds()
@@ -155,8 +158,16 @@ class JobRunner:
     def _stream(
         self, pool: PredictorPool, committed: dict[int, str], progress: Progress
     ) -> bool:
+        """Send every batch of the shards not yet committed; True if the job was cancelled.
+
+        A batch's decode task starts before a replica is free for it: while the replicas
+        load the model, up to ``_prefetch`` batches are fetched and decoded, so the model
+        is busy from its first second; after that, ``max_in_flight`` bounds the batches
+        decoding or queued at replicas.
+        """
         size = self.spec.batch_size
         self._last_batch = time.monotonic()
+        self._decoded: collections.deque[_Batch] = collections.deque()
         for shard in manifest.iter_shards(self.spec.manifest, self.spec.shard_size):
             if shard.index in committed:
                 continue
@@ -165,20 +176,42 @@ class JobRunner:
             work = _ShardWork(shard, [None] * len(starts), len(starts))
             self._open.append(work)
             for number, start in enumerate(starts):
-                while len(self._in_flight) >= pool.max_in_flight or pool.pick() is None:
+                while not self._room(pool):
                     if self._collect(pool, progress):
                         return True
-                self._send(pool, _Batch(work, number, uris[start : start + size], None))
-        while self._in_flight:
+                batch = _Batch(work, number, uris[start : start + size], None)
+                batch.pixels = self._decode(batch.uris)
+                self._decoded.append(batch)
+                self._prefetched += 0 if progress.processing else 1
+                self._dispatch(pool, progress)
+        while self._in_flight or self._decoded:
             if self._collect(pool, progress):
                 return True
         return False
 
+    def _room(self, pool: PredictorPool) -> bool:
+        """Whether another batch may start decoding now."""
+        if pool.ready_count == 0:
+            return len(self._decoded) + len(self._in_flight) < self._prefetch
+        return len(self._decoded) + len(self._in_flight) < pool.max_in_flight
+
+    def _dispatch(self, pool: PredictorPool, progress: Progress) -> None:
+        """Hand decoded (or decoding) batches to ready replicas, least busy first."""
+        if pool.ready_count and not progress.processing:
+            progress.begin_processing()  # the first replica holds the model
+        while self._decoded and pool.pick() is not None and (
+            len(self._in_flight) < pool.max_in_flight
+        ):
+            self._send(pool, self._decoded.popleft())
+
     def _send(self, pool: PredictorPool, batch: _Batch) -> None:
-        """Decode a batch and hand it to the least busy ready replica."""
+        """Hand a batch to the least busy ready replica (decoding it again if it was lost)."""
         batch.actor = pool.pick()
         batch.sent_at = time.monotonic()
-        self._in_flight[batch.actor.predict.remote(self._decode(batch.uris))] = batch
+        if batch.pixels is None:
+            batch.pixels = self._decode(batch.uris)
+        self._in_flight[batch.actor.predict.remote(batch.pixels)] = batch
+        batch.pixels = None  # the call holds it now; a resend decodes again
         pool.sent(batch.actor)
 
     def _collect(self, pool: PredictorPool, progress: Progress) -> bool:
@@ -189,12 +222,14 @@ class JobRunner:
             for ref in self._in_flight:
                 ray.cancel(ref)
             self._in_flight.clear()
+            self._decoded.clear()
             return True
-        pool.refresh()
+        pool.check_started()
+        pool.refresh(timeout=0.0 if self._in_flight else 0.5)
+        self._dispatch(pool, progress)
         self._report_waiting(pool, progress)
         if not self._in_flight:
-            time.sleep(0.5)  # no replica ready yet: nothing to wait on but the pool
-            return False
+            return False  # no replica ready yet: refresh waited for one
         ready, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=0.5)
         for ref in ready:
             batch = self._in_flight.pop(ref)
@@ -211,7 +246,8 @@ class JobRunner:
             self._record(result, progress)
             if batch.work.waiting == 0:
                 self._commit(batch.work)
-        if time.monotonic() - self._last_batch > STALL_TIMEOUT_S:
+        self._dispatch(pool, progress)
+        if self._in_flight and time.monotonic() - self._last_batch > STALL_TIMEOUT_S:
             raise InfrastructureError(f"no batch finished for {STALL_TIMEOUT_S:.0f}s")
         return False
 
@@ -307,6 +343,7 @@ class JobRunner:
             "shard_size": self.spec.shard_size,
             "resources": plan.to_dict() if plan else None,
             "batches_redone": self._redone,
+            "batches_decoded_before_model": self._prefetched,
             "finished_at": time.time(),
         }
 
@@ -321,9 +358,11 @@ def run_job(
     return JobRunner(job_id, spec, on_progress, should_stop).run()
 
 
-def ensure_ray(address: str | None = None, *, dashboard: bool = False) -> str | None:
+def ensure_ray(address: str | None = None, *, dashboard: bool | None = None) -> str | None:
     """Connect to the cluster at ``address``, or start a local Ray instance (embedded default).
 
+    ``dashboard=False`` starts a local instance without the dashboard, for a run that ends
+    with this process: Ray starts about 3 s sooner (docs/performance.md).
     Returns the dashboard's URL (its Jobs API) when this call started or joined Ray.
     """
     import ray
@@ -337,7 +376,7 @@ def ensure_ray(address: str | None = None, *, dashboard: bool = False) -> str | 
                 address=address,
                 log_to_driver=False,
                 configure_logging=False,
-                include_dashboard=True if dashboard else None,
+                include_dashboard=dashboard,
             )
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise BatchinfError(f"cannot start or reach Ray ({address or 'RAY_ADDRESS'}): {exc}") from exc
@@ -390,6 +429,17 @@ def session_dir() -> str | None:
 
     node = getattr(worker, "_global_node", None)
     return node.get_session_dir_path() if node is not None else None
+
+
+PREFETCH_MB = float(os.environ.get("BATCHINF_PREFETCH_MB", "512"))
+
+
+def _prefetch_batches(spec: Any, batch_size: int, floor: int) -> int:
+    """How many batches may decode ahead while no replica holds the model yet: as many as
+    ``PREFETCH_MB`` of decoded pixels (or of encoded files, ~256 KB a row, for models that
+    take them), and never fewer than the steady state's ``floor``."""
+    row = spec.height * spec.width * 3 if spec.kind == "image" and spec.height else 256 * 1024
+    return max(floor, int(PREFETCH_MB * 1024 * 1024 // (row * batch_size)))
 
 
 def _resolve(manifest_uri: str, uri: str) -> str:

@@ -28,7 +28,6 @@ from batchinf.job import JobSpec
 from batchinf.model import ModelSource
 from batchinf.planner import NodeView, Plan, describe, plan
 from batchinf.predictor import Predictor
-from batchinf.signature import ModelInfo
 
 START_TIMEOUT_S = float(os.environ.get("BATCHINF_REPLICA_START_TIMEOUT", "600"))
 REPLICA_LOSS_TIMEOUT_S = float(os.environ.get("BATCHINF_REPLICA_LOSS_TIMEOUT", "300"))
@@ -98,6 +97,7 @@ class PredictorPool:
         self._lost: dict[Any, float] = {}  # lost actor -> when to ask again if it is back
         self._ever_ready: set[Any] = set()
         self._none_ready_since: float | None = None
+        self._launched_at = 0.0
 
     @property
     def max_in_flight(self) -> int:
@@ -134,8 +134,9 @@ class PredictorPool:
             self._on_wait(f"waiting for resources held by other jobs: {current.bundles()}")
         return None
 
-    def start(self) -> ModelInfo:
-        """Start the replicas and wait for at least ``replicas_min`` of them to hold the model."""
+    def launch(self) -> None:
+        """Start the replicas, without waiting: each loads the model while the job fetches and
+        decodes its first batches. ``check_started`` bounds how long they may take."""
         import ray
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -159,20 +160,16 @@ class PredictorPool:
             ).remote(self._source, self._spec.top_k, self.plan.tf_threads, self._spec.batch_size)
             self._actors.append(actor)
             self._starting[actor.ready.remote()] = actor
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while len(self._busy) < self._spec.replicas_min:
-            self._on_wait(
-                f"starting replicas: {len(self._busy)} of {self._spec.replicas_max} hold the model"
-            )
-            if time.monotonic() > deadline:
-                raise JobFailed(
-                    f"only {len(self._busy)} of {self._spec.replicas_min} replicas started within "
-                    f"{START_TIMEOUT_S:.0f}s"
-                )
-            self.refresh(timeout=1.0)
-        self._on_wait(None)
-        first = next(iter(self._busy))
-        return ray.get(first.describe.remote())
+        self._launched_at = time.monotonic()
+
+    def check_started(self) -> None:
+        """``JobFailed`` when no replica has held the model within ``START_TIMEOUT_S``."""
+        if self._ever_ready or time.monotonic() - self._launched_at <= START_TIMEOUT_S:
+            return
+        raise JobFailed(
+            f"no replica of {self._spec.replicas_max} loaded the model within "
+            f"{START_TIMEOUT_S:.0f}s"
+        )
 
     def decode_options(self) -> dict[str, Any]:
         """Ray options for a decode task: it runs in one of this job's decode bundles."""
@@ -197,7 +194,8 @@ class PredictorPool:
                 del self._lost[actor]
                 self._starting[actor.ready.remote()] = actor
         if self._starting:
-            ready, _ = ray.wait(list(self._starting), num_returns=len(self._starting), timeout=timeout)
+            refs = list(self._starting)  # with a timeout, return as soon as one is ready
+            ready, _ = ray.wait(refs, num_returns=1 if timeout else len(refs), timeout=timeout)
             for ref in ready:
                 actor = self._starting.pop(ref)
                 try:
@@ -214,7 +212,7 @@ class PredictorPool:
         self._check_some_alive()
 
     def _check_some_alive(self) -> None:
-        if self._busy:
+        if self._busy or not self._ever_ready:  # before the first: ``check_started``'s bound
             self._none_ready_since = None
             return
         now = time.monotonic()
@@ -230,6 +228,8 @@ class PredictorPool:
         missing = self._spec.replicas_max - len(self._busy)
         if missing <= 0 or self.plan is None:
             return None
+        if not self._ever_ready:
+            return f"starting replicas: 0 of {self._spec.replicas_max} hold the model"
         return (
             f"waiting for {missing} of {self._spec.replicas_max} replicas: "
             f"needs {describe(self.plan.replica)}"

@@ -15,14 +15,16 @@ class Progress:
     rows_failed: int = 0
     rows_this_run: int = 0
     started: float = field(default_factory=time.monotonic)
-    startup_s: float = 0.0  # replica start and model load, before the first batch was sent
+    startup_s: float = 0.0  # until the first replica held the model (decode may begin before)
     waiting: str | None = None  # what the job waits for (resources, replicas), if anything
+    processing: bool = False  # a replica holds the model (first batches may decode before)
 
     def begin_processing(self) -> None:
         """The replicas hold the model: from now on the clock measures images, not start-up."""
         now = time.monotonic()
         self.startup_s = now - self.started
         self.started = now
+        self.processing = True
 
     @property
     def elapsed(self) -> float:

@@ -135,6 +135,11 @@ def run_claimed(
     return _finish(store, job_id, run_id, finished)
 
 
+def abandon(store: JobStore, job_id: str, run_id: str, exc: BaseException) -> Job:
+    """End a claimed run that could not start (no Ray to run on) as ``exc`` says."""
+    return _finish(store, job_id, run_id, _failure(exc))
+
+
 def _failure(exc: BaseException) -> Callable[[Job], Job]:
     """How an attempt that raised ends: retried later if the cluster failed it, else FAILED."""
     kind, message = type(exc).__name__, str(exc)

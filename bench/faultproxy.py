@@ -13,7 +13,13 @@ Each request draws, from a seeded generator, whether it meets a fault, and which
 ``FaultProxy(upstream, rates={"slowdown": 0.1}, seed=1)`` starts on a free port; ``.endpoint`` is
 its URL, for ``AWS_ENDPOINT_URL``. ``forbid`` is a set of substrings: any request whose path
 contains one gets 403 every time. ``counts`` tells what happened. Used by ``tests/`` and by
-``bench.run`` (the ``batchinf-s3-faults`` pipeline).
+``bench.run`` (the ``batchinf-s3-503`` pipeline).
+
+Distance: ``latency_s`` (with ``jitter_s``, uniform either side) delays every answer, as a
+store tens of milliseconds away does; ``remember`` (path prefixes, e.g. ``("/bench/images/",)``)
+keeps each whole GET answer of an object under them and serves it again from memory, so the
+server on this machine costs little CPU, as remote S3 costs the client's machine none
+(``bench.run``'s ``batchinf-s3-30ms`` pipeline). Listings and other objects always go upstream.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ ERROR_XML = ('<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
 class FaultProxy:
     def __init__(self, upstream: str, rates: dict[str, float] | None = None, seed: int = 0,
                  stall_s: float = 5.0, forbid: set[str] | None = None, port: int = 0,
-                 methods: tuple[str, ...] = ("GET", "PUT", "HEAD", "POST", "DELETE")) -> None:
+                 methods: tuple[str, ...] = ("GET", "PUT", "HEAD", "POST", "DELETE"),
+                 latency_s: float = 0.0, jitter_s: float = 0.0, remember: tuple[str, ...] = ()) -> None:
         unknown = set(rates or {}) - set(FAULTS)
         if unknown:
             raise ValueError(f"unknown faults {sorted(unknown)}; known: {FAULTS}")
@@ -47,6 +54,10 @@ class FaultProxy:
         self.forbid = set(forbid or ())
         self.methods = methods
         self.counts: Counter[str] = Counter()
+        self.latency_s, self.jitter_s = latency_s, jitter_s
+        self.remember = remember
+        self.remembered: dict[str, tuple[int, list[tuple[str, str]], bytes]] = {}
+        self._delays = random.Random(seed + 1)  # its own stream: the faults drawn stay the same
         self._random = random.Random(seed)
         self._lock = threading.Lock()
         self._server = _Server(("127.0.0.1", port), _handler(self))
@@ -72,6 +83,14 @@ class FaultProxy:
                 return fault
             roll -= rate
         return None
+
+    def delay(self) -> float:
+        """How long this answer waits, as if the store were ``latency_s`` away."""
+        if not self.latency_s:
+            return 0.0
+        with self._lock:
+            return max(0.0, self._delays.uniform(self.latency_s - self.jitter_s,
+                                                 self.latency_s + self.jitter_s))
 
     def close(self) -> None:
         self._server.shutdown()
@@ -120,7 +139,8 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             if fault == "stall":
                 time.sleep(proxy.stall_s)
                 return self._drop()
-            status, headers, answer = self._forward(body)
+            time.sleep(proxy.delay())
+            status, headers, answer = self._forward_or_remembered(body)
             if fault == "lost_reply":
                 return self._drop()
             if fault == "reset_body" and len(answer) > 1:
@@ -151,6 +171,20 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
                     chunks.append(self.rfile.read(size))
                     self.rfile.readline()
             return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+        def _forward_or_remembered(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
+            """The upstream's answer; with ``remember``, a whole GET's answer is kept and given
+            again (writes go on to the upstream, so nothing read back is stale there)."""
+            memory = proxy.remembered
+            whole_get = self.command == "GET" and "Range" not in self.headers and "?" not in self.path
+            if not (whole_get and self.path.startswith(proxy.remember or ("\0",))):
+                return self._forward(body)
+            kept = memory.get(self.path)
+            if kept is None:
+                kept = self._forward(body)
+                if kept[0] == 200:
+                    memory[self.path] = kept
+            return kept
 
         def _forward(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
             upstream = http.client.HTTPConnection(proxy.upstream.hostname, proxy.upstream.port,

@@ -5,10 +5,12 @@
 Measures whole processes, as a cron line or a person sees them:
 - ``batchinf --help``;
 - ``batchinf submit`` without ``--wait`` (records the job and returns its id);
-- on a warm cluster (a local ``ray start --head`` and a ``batchinf dispatcher`` already running),
-  the time from starting ``submit`` to the first committed Parquet part, and to ``_SUCCESS``,
-  with the default shard size and with ``--shard-size 128``. The job's own summary splits it:
-  queue wait (dispatcher poll), driver and replica start-up with the model load, processing.
+- on a warm cluster (the store's embedded ``batchinf dispatcher`` already running, with the
+  local ``ray start --head`` it started), the time from starting ``submit`` to the first
+  committed Parquet part, and to ``_SUCCESS``, with the default shard size and with
+  ``--shard-size 128``: ``submit`` alone (the dispatcher launches the job as a Ray job), and
+  ``submit --wait`` (which runs the job in its own process, joined to that head). The job's
+  own summary splits it: driver and replica start-up with the model load, processing.
 Prints medians and writes ``<out>/latency-<timestamp>.json``.
 """
 
@@ -77,40 +79,49 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(max(5, args.repeats)):
         note("help_s", timed([*cli, "--help"], env)[0])
 
-    from batchinf.localray import start_head
-
-    head = start_head()
-    dispatcher = None
+    store.mkdir()
+    dispatcher = subprocess.Popen(
+        [*cli, "dispatcher", "--store", str(store)],
+        env=env, stdout=subprocess.DEVNULL, stderr=(work / "dispatcher.log").open("wb"),
+    )
     try:
-        dispatcher = subprocess.Popen(
-            [*cli, "dispatcher", "--address", head.jobs_address, "--store", str(store)],
-            env=env, stdout=subprocess.DEVNULL, stderr=(work / "dispatcher.log").open("wb"),
-        )
-        time.sleep(3)  # the dispatcher holds the store's lease
+        deadline = time.monotonic() + 120
+        while not (store / "local-head.json").exists():  # its head runs, its lease is held
+            if dispatcher.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"the dispatcher did not start a head; see {work}/dispatcher.log")
+            time.sleep(0.5)
         for rep in range(args.repeats):
             for shard in (int(s) for s in args.shard_sizes.split(",")):
-                out = work / f"out-{shard}-r{rep}"
-                started = time.monotonic()
-                seconds, done = timed(
-                    [*cli, "submit", ctx.manifest, "--model", ctx.model, "--output", str(out),
-                     "--store", str(store), "--address", head.jobs_address,
-                     "--shard-size", str(shard), "--json"], env)
-                if done.returncode != 0:
-                    raise SystemExit(f"submit failed: {done.stderr.strip()}")
-                note("submit_s", seconds)
-                first = wait_for((out, "part-*.parquet"), started + 600)
-                end = wait_for((out, "_SUCCESS"), started + 900)
-                summary = json.loads((out / "_summary.json").read_text()) if end else {}
-                note(f"first_part_s[shard={shard}]", first and first - started)
-                note(f"success_s[shard={shard}]", end and end - started)
-                note(f"startup_s[shard={shard}]", summary.get("startup_seconds"))
-                print(f"shard {shard} #{rep}: submit {seconds:.2f}s, first part "
-                      f"{(first or 0) - started:.1f}s, done {(end or 0) - started:.1f}s", flush=True)
+                for way in ("submit", "wait"):
+                    out = work / f"out-{way}-{shard}-r{rep}"
+                    argv = [*cli, "submit", ctx.manifest, "--model", ctx.model, "--output",
+                            str(out), "--store", str(store), "--shard-size", str(shard), "--json"]
+                    started = time.monotonic()
+                    if way == "submit":
+                        seconds, done = timed(argv, env)
+                        if done.returncode != 0:
+                            raise SystemExit(f"submit failed: {done.stderr.strip()}")
+                        note("submit_s", seconds)
+                        running = None
+                    else:
+                        running = subprocess.Popen([*argv, "--wait"], env=env, text=True,
+                                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                    first = wait_for((out, "part-*.parquet"), started + 600)
+                    end = wait_for((out, "_SUCCESS"), started + 900)
+                    if running is not None:
+                        _, err = running.communicate(timeout=900)
+                        if running.returncode != 0:
+                            raise SystemExit(f"submit --wait failed: {err.strip()}")
+                        note(f"wait_exit_s[shard={shard}]", time.monotonic() - started)
+                    summary = json.loads((out / "_summary.json").read_text()) if end else {}
+                    note(f"{way}: first_part_s[shard={shard}]", first and first - started)
+                    note(f"{way}: success_s[shard={shard}]", end and end - started)
+                    note(f"{way}: startup_s[shard={shard}]", summary.get("startup_seconds"))
+                    print(f"{way} shard {shard} #{rep}: first part {(first or 0) - started:.1f}s, "
+                          f"done {(end or 0) - started:.1f}s", flush=True)
     finally:
-        if dispatcher is not None:
-            dispatcher.terminate()
-            dispatcher.wait(timeout=30)
-        head.stop()
+        dispatcher.terminate()  # it stops the head it started
+        dispatcher.wait(timeout=60)
     medians = {k: statistics.median(v) for k, v in results.items()}
     print(f"\n{'measure':32} {'median':>8}  runs")
     for key, value in medians.items():

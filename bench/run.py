@@ -181,6 +181,43 @@ def warm_ray(ctx: BenchContext) -> Iterator[dict[str, str]]:
             dispatcher.wait(timeout=60)
 
 
+NOTES: dict[str, Any] = {}  # what set-ups measured, for the JSON record
+
+
+@contextlib.contextmanager
+def moto_bucket_30ms_away(ctx: BenchContext) -> Iterator[dict[str, str]]:
+    """``moto_bucket`` as if it were real S3, tens of milliseconds away: every answer waits
+    30 ms +- 10 ms (uniform), and image GETs are answered from the proxy's memory (filled once
+    here), so the store's own CPU stays off this machine as remote S3's does. Also measures
+    the client's CPU per GET (boto3 through ``batchinf.storage``, in this thread alone)."""
+    import csv
+
+    from batchinf import storage
+    from bench.faultproxy import FaultProxy
+
+    with moto_bucket(ctx) as env, FaultProxy(env["AWS_ENDPOINT_URL"], latency_s=0.030,
+                                             jitter_s=0.010, seed=1,
+                                             remember=(f"/{BUCKET}/images/",)) as proxy:
+        os.environ["AWS_ENDPOINT_URL"] = proxy.endpoint
+        storage._clients.clear()  # this process's client: through the proxy from now on
+        with open(ctx.manifest, newline="") as fh:
+            keys = [f"s3://{BUCKET}/images/{Path(row['uri']).name}" for row in csv.DictReader(fh)]
+        cpu0, thread0, started = time.process_time(), time.thread_time(), time.monotonic()
+        for uri in keys[:200]:
+            storage.read_bytes(uri)
+        client = (time.thread_time() - thread0) / min(200, len(keys))
+        server = (time.process_time() - cpu0) / min(200, len(keys)) - client
+        for uri in keys[200:]:  # the rest into the proxy's memory too
+            storage.read_bytes(uri)
+        NOTES["s3_30ms"] = {"client_cpu_ms_per_get": round(client * 1000, 3),
+                            "proxy_cpu_ms_per_get_first": round(server * 1000, 3),
+                            "wall_ms_per_get_sequential": round(
+                                (time.monotonic() - started) / len(keys) * 1000, 1)}
+        print(f"30 ms away: {NOTES['s3_30ms']}", flush=True)
+        yield {**env, "AWS_ENDPOINT_URL": proxy.endpoint}
+        NOTES["s3_30ms"]["requests"] = proxy.counts["requests"]
+
+
 PIPELINES: dict[str, Pipeline] = {
     p.name: p
     for p in [
@@ -230,6 +267,13 @@ PIPELINES: dict[str, Pipeline] = {
             "batchinf submit --wait, manifest, images, model and output on S3 (moto, 127.0.0.1)",
             _batchinf("batchinf-s3", s3=True),
             setup=moto_bucket,
+        ),
+        Pipeline(
+            "batchinf-s3-30ms",
+            "batchinf-s3 through a proxy 30 ms +- 10 ms away that answers image GETs from "
+            "memory, as remote S3 would (no store CPU on this machine)",
+            _batchinf("batchinf-s3-30ms", s3=True),
+            setup=moto_bucket_30ms_away,
         ),
         Pipeline(
             "batchinf-s3-503",
@@ -377,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         "args": vars(args),
         "machine": host,
         "summary": rows,
+        "notes": NOTES,
         "pipelines": {
             p.name: {"describe": p.describe, "runs": [m.to_dict() for m in runs[p.name]]}
             for p in pipelines

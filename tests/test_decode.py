@@ -89,6 +89,26 @@ def test_decode_threads_yield_to_the_model_and_leave_the_process_alone() -> None
     assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the calling thread is untouched
 
 
+def test_decode_threads_stay_behind_a_ray_worker_already_at_niceness_15() -> None:
+    """Ray starts its workers at niceness 15: decode must go lower still, never above it."""
+    import os
+    import threading
+
+    from batchinf.decode import _lower_priority
+
+    seen: list[int] = []
+
+    def worker() -> None:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)
+        _lower_priority(10)
+        seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == [19]
+
+
 def _two_tone(size=(40, 30)) -> Image.Image:
     """Red on top, blue below: any turn of it shows."""
     image = Image.new("RGB", size, (0, 0, 255))

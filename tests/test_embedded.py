@@ -6,6 +6,7 @@ shell or cron would, and finds the processes it caused by their command lines.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import re
@@ -70,6 +71,21 @@ def test_jobs_submitted_at_once_share_one_dispatcher_and_one_head_which_survives
     until(lambda: all(store.get(i).state.terminal for i in ids), timeout=300)
     assert [store.get(i).state for i in ids] == [JobState.SUCCEEDED] * 3
     assert len(dispatchers(store.root)) == 1 and len(heads_started(shell["HOME"])) == 1
+
+    # submit --wait beside that dispatcher runs the job in its own process, joined to the
+    # dispatcher's head: no Ray started, no driver launched (docs/performance.md, "warm").
+    head = store.local_head()
+    waited = subprocess.Popen(
+        [sys.executable, "-m", "batchinf.cli", "submit", manifest, "--model", image_model,
+         "--output", str(tmp_path / "out-wait"), "--wait", "--json"],
+        env=shell, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = waited.communicate(timeout=300)
+    assert waited.returncode == 0, err
+    record = json.loads(out)
+    assert record["state"] == "SUCCEEDED" and record["ray_job_id"].startswith("local-")
+    assert head is not None and glob.glob(os.path.join(
+        head["temp_dir"], "session_*", "logs", f"python-core-driver-*_{waited.pid}.log"))
+    assert len(heads_started(shell["HOME"])) == 1
 
     # A dispatcher killed outright: the next command's dispatcher adopts its head.
     os.kill(dispatchers(store.root)[0].pid, signal.SIGKILL)

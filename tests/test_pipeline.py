@@ -53,6 +53,8 @@ def test_exact_topk_and_pass_through_columns(ray_local, image_model, colour_imag
     assert 0 < timing["first_part_seconds"] <= timing["startup_seconds"] + timing["seconds"] + 1
     assert 0 < timing["model_busy"] <= 1  # 3 batches of the model over the processing time
     assert timing["resources"]["max_in_flight"] >= 3
+    # All three batches were fetched and decoded while the replica was still loading the model.
+    assert timing["batches_decoded_before_model"] == 3
 
 
 def test_model_version_picks_the_asked_version(ray_local, image_model, colour_images, tmp_path):
