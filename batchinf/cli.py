@@ -256,6 +256,7 @@ def _run_here(job_store: Any, job_id: str, as_json: bool, head: Any = None) -> N
     An attempt the infrastructure ended is run again here after its back-off, unless a
     dispatcher took the job over meanwhile (then its record is followed).
     """
+    import os
     import time
 
     from batchinf.display import ProgressDisplay
@@ -272,6 +273,9 @@ def _run_here(job_store: Any, job_id: str, as_json: bool, head: Any = None) -> N
             return _follow(job_store, job_id, as_json)
         try:
             if head is not None:
+                mode = head.auth_mode()
+                if mode and not os.environ.get("RAY_AUTH_MODE"):
+                    os.environ["RAY_AUTH_MODE"] = mode  # the head's token auth, as its drivers
                 ensure_ray(head.gcs_address)
             else:
                 ensure_ray("local", dashboard=False)

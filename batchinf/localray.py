@@ -63,6 +63,19 @@ class LocalHead:
         found.pop(os.getpid(), None)
         return list(found.values())
 
+    def auth_mode(self) -> str | None:
+        """The ``RAY_AUTH_MODE`` this head runs with (``token`` when ``ray start`` found a
+        token), which a driver joining it must use too; None if it cannot be read."""
+        import psutil
+
+        for process in self.processes():
+            try:
+                if "gcs_server" in process.name():
+                    return process.environ().get("RAY_AUTH_MODE")
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        return None
+
     def stop(self) -> None:
         """Kill this head's processes and remove its folder."""
         import psutil
@@ -78,12 +91,15 @@ class LocalHead:
         """True when its Jobs API responds (the head is alive and usable); patient, since a
         busy machine can be slow to answer and a wrong "no" would stop a working head."""
         import time
+        import urllib.error
         import urllib.request
 
         for attempt in range(tries):
             try:
                 with urllib.request.urlopen(f"{self.jobs_address}/api/version", timeout=5) as reply:
                     return bool(reply.status == 200)
+            except urllib.error.HTTPError as refused:  # 401: token auth is on; it answered
+                return refused.code in (401, 403)
             except OSError:
                 if attempt + 1 < tries:
                     time.sleep(2)

@@ -10,6 +10,7 @@ import glob
 import json
 import os
 import re
+import secrets
 import signal
 import subprocess
 import sys
@@ -29,7 +30,10 @@ from tests.models import write_solid_image
 def shell(tmp_path: Any) -> dict[str, str]:
     """The environment of a user with their own home and store and no cluster address."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    (tmp_path / "home").mkdir()
+    # A token in Ray's token file, as `ray get-auth-token --generate` leaves: `ray start` then
+    # runs the local head with token auth, which every driver joining it must use too.
+    (tmp_path / "home" / ".ray").mkdir(parents=True)
+    (tmp_path / "home" / ".ray" / "auth_token").write_text(secrets.token_hex(32))
     return {**env, "HOME": str(tmp_path / "home"), "BATCHINF_STORE": str(tmp_path / "store")}
 
 
@@ -73,8 +77,11 @@ def test_jobs_submitted_at_once_share_one_dispatcher_and_one_head_which_survives
     assert len(dispatchers(store.root)) == 1 and len(heads_started(shell["HOME"])) == 1
 
     # submit --wait beside that dispatcher runs the job in its own process, joined to the
-    # dispatcher's head: no Ray started, no driver launched (docs/performance.md, "warm").
+    # dispatcher's head: no Ray started, no driver launched (docs/performance.md, "warm"),
+    # with the head's token auth although this shell sets no RAY_AUTH_MODE.
     head = store.local_head()
+    assert head is not None and LocalHead(head["jobs_address"], head["gcs_address"],
+                                          head["temp_dir"], head["client_port"]).auth_mode() == "token"
     waited = subprocess.Popen(
         [sys.executable, "-m", "batchinf.cli", "submit", manifest, "--model", image_model,
          "--output", str(tmp_path / "out-wait"), "--wait", "--json"],
