@@ -36,6 +36,21 @@ def test_efficiency_pairs_each_repeat_with_the_bare_run_of_its_round() -> None:
     assert by_name["hung"]["status"] == "timeout/hung"
 
 
+def test_end_to_end_efficiency_is_whole_commands_against_the_bare_models_whole_command() -> None:
+    def whole(wall: float, images: int, decode_seconds: float | None = None) -> Measurement:
+        result = {"images_per_s": 100.0, "images": images, "decode_seconds": decode_seconds}
+        return Measurement("ok", 0, wall, 1.0, 1.0, None, 0.0, 0, result, "log")
+
+    # bare: 30 s of wall, of which 2 s decoded its own set (bench set-up, not model work).
+    runs = {"bare": [whole(30.0, 2000, 2.0)] * 3,
+            "cold": [whole(40.0, 2000), whole(35.0, 2000), whole(56.0, 2000)]}
+    rows = [report.summarize(name, ms) for name, ms in runs.items()]
+    report.add_efficiency(rows, runs)
+    cold = next(r for r in rows if r["pipeline"] == "cold")
+    assert cold["e2e_efficiency"] == 0.7  # 28 s against 40 s, the median of .7, .8, .5
+    assert cold["efficiency"] == 1.0  # the same processing rate as bare
+
+
 def test_status_counts_failed_repeats_not_kinds_of_failure() -> None:
     assert report.summarize("x", [run("hung", None), run("ok", 1.0)])["status"] == "timeout/hung (1/2)"
     assert report.summarize("x", [run("hung", None)] * 3)["status"] == "timeout/hung"
