@@ -88,6 +88,7 @@ def test_jobs_submitted_at_once_share_one_dispatcher_and_one_head_which_survives
         env=shell, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = waited.communicate(timeout=300)
     assert waited.returncode == 0, err
+    assert err == ""  # --json: no progress lines, and nothing of Ray's (its token banner neither)
     record = json.loads(out)
     assert record["state"] == "SUCCEEDED" and record["ray_job_id"].startswith("local-")
     assert head is not None and glob.glob(os.path.join(
