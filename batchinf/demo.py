@@ -40,7 +40,7 @@ def run_demo(folder: str, *, quiet: bool = False) -> dict[str, Any]:
     store = JobStore.from_uri(None)
     job, _ = store.create(spec)
     say(f"Running job {job.job_id} on a local Ray instance ...")
-    ensure_ray("local")
+    ensure_ray("local", dashboard=False)  # a Ray that ends with the demo: no dashboard, 2 s sooner
     with ProgressDisplay(job.job_id, quiet=quiet) as display:
         job = execute(store, job.job_id, f"local-{job.job_id}", display.update)
     report: dict[str, Any] = {"job_id": job.job_id, "state": job.state.value, "output": output,
