@@ -168,15 +168,22 @@ def check_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
 
 
 def _lower_priority(nice: int) -> None:
-    """Make the calling thread (only it: Linux niceness is per thread) yield to the model's.
+    """Make the calling thread (only it: Linux scheduling is per thread) yield to the model's.
 
-    ``nice`` is added to the thread's own niceness: Ray starts workers, replicas included,
-    at niceness 15, so an absolute 10 would have put decode *ahead* of the model.
+    By default the thread runs under ``SCHED_IDLE``: it gets a core when the model's threads
+    leave one, and barely any when they want it. ``BATCHINF_DECODE_POLICY=nice`` instead adds
+    ``nice`` to the thread's own niceness: Ray starts workers, replicas included, at 15, so
+    decode runs at 19, which still takes about a third of a contended core (docs/performance.md).
     """
-    if nice > 0 and sys.platform.startswith("linux"):  # elsewhere the id could name a process
-        tid = threading.get_native_id()
-        with contextlib.suppress(OSError):
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    if nice <= 0 or not sys.platform.startswith("linux"):  # elsewhere the id could name a process
+        return
+    tid = threading.get_native_id()
+    if os.environ.get("BATCHINF_DECODE_POLICY", "idle") == "idle":
+        with contextlib.suppress(OSError, AttributeError):
+            os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
+            return
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
 
 
 def decode_batch(

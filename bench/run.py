@@ -251,6 +251,13 @@ PIPELINES: dict[str, Pipeline] = {
             idle_check=False,
         ),
         Pipeline(
+            "batchinf-nice",
+            "batchinf-local with decode threads niced (19 beside the model's 15) instead of "
+            "SCHED_IDLE",
+            _batchinf("batchinf-nice"),
+            setup=lambda ctx: contextlib.nullcontext({"BATCHINF_DECODE_POLICY": "nice"}),
+        ),
+        Pipeline(
             "batchinf-2x1",
             "batchinf-local with 2 replicas of 1 TensorFlow thread each (two model streams)",
             _batchinf("batchinf-2x1", "--replicas", "2"),

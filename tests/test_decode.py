@@ -69,12 +69,32 @@ def test_a_batch_of_only_bad_rows_has_an_empty_pixel_array(tmp_path):
     assert batch.pixels is not None and batch.pixels.shape == (0, 8, 8, 3)
 
 
-def test_decode_threads_yield_to_the_model_and_leave_the_process_alone() -> None:
+def test_decode_threads_run_only_on_cores_the_model_leaves_and_leave_the_process_alone() -> None:
     import os
     import threading
 
     from batchinf.decode import _lower_priority
 
+    seen: list[int] = []
+
+    def worker() -> None:
+        _lower_priority(10)
+        seen.append(os.sched_getscheduler(threading.get_native_id()))
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen == [os.SCHED_IDLE]
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the calling thread is untouched
+
+
+def test_decode_threads_yield_to_the_model_and_leave_the_process_alone(monkeypatch) -> None:
+    import os
+    import threading
+
+    from batchinf.decode import _lower_priority
+
+    monkeypatch.setenv("BATCHINF_DECODE_POLICY", "nice")
     seen: list[int] = []
 
     def worker() -> None:
@@ -89,13 +109,14 @@ def test_decode_threads_yield_to_the_model_and_leave_the_process_alone() -> None
     assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the calling thread is untouched
 
 
-def test_decode_threads_stay_behind_a_ray_worker_already_at_niceness_15() -> None:
+def test_decode_threads_stay_behind_a_ray_worker_already_at_niceness_15(monkeypatch) -> None:
     """Ray starts its workers at niceness 15: decode must go lower still, never above it."""
     import os
     import threading
 
     from batchinf.decode import _lower_priority
 
+    monkeypatch.setenv("BATCHINF_DECODE_POLICY", "nice")
     seen: list[int] = []
 
     def worker() -> None:
