@@ -191,14 +191,17 @@ class JobRunner:
 
     def _room(self, pool: PredictorPool) -> bool:
         """Whether another batch may start decoding now."""
-        if pool.ready_count == 0:
+        if not self._progress.processing:
             return len(self._decoded) + len(self._in_flight) < self._prefetch
         return len(self._decoded) + len(self._in_flight) < pool.max_in_flight
 
     def _dispatch(self, pool: PredictorPool, progress: Progress) -> None:
-        """Hand decoded (or decoding) batches to ready replicas, least busy first."""
-        if pool.ready_count and not progress.processing:
-            progress.begin_processing()  # the first replica holds the model
+        """Hand decoded (or decoding) batches to ready replicas, least busy first; the model
+        work begins once ``replicas_min`` of them hold the model (``--replicas MIN:MAX``)."""
+        if not progress.processing:
+            if not pool.started:
+                return
+            progress.begin_processing()
         while self._decoded and pool.pick() is not None and (
             len(self._in_flight) < pool.max_in_flight
         ):
@@ -224,7 +227,8 @@ class JobRunner:
             self._in_flight.clear()
             self._decoded.clear()
             return True
-        pool.check_started()
+        if not progress.processing:
+            pool.check_started()
         pool.refresh(timeout=0.0 if self._in_flight else 0.5)
         self._dispatch(pool, progress)
         self._report_waiting(pool, progress)

@@ -98,6 +98,7 @@ class PredictorPool:
         self._ever_ready: set[Any] = set()
         self._none_ready_since: float | None = None
         self._launched_at = 0.0
+        self._began = False
 
     @property
     def max_in_flight(self) -> int:
@@ -162,12 +163,20 @@ class PredictorPool:
             self._starting[actor.ready.remote()] = actor
         self._launched_at = time.monotonic()
 
+    @property
+    def started(self) -> bool:
+        """Whether ``replicas_min`` replicas have held the model: model work may begin (and
+        goes on with fewer, should some be lost later)."""
+        self._began = self._began or len(self._busy) >= self._spec.replicas_min
+        return self._began
+
     def check_started(self) -> None:
-        """``JobFailed`` when no replica has held the model within ``START_TIMEOUT_S``."""
-        if self._ever_ready or time.monotonic() - self._launched_at <= START_TIMEOUT_S:
+        """``JobFailed`` when ``replicas_min`` replicas do not hold the model within
+        ``START_TIMEOUT_S`` of ``launch``."""
+        if self.started or time.monotonic() - self._launched_at <= START_TIMEOUT_S:
             return
         raise JobFailed(
-            f"no replica of {self._spec.replicas_max} loaded the model within "
+            f"only {len(self._busy)} of {self._spec.replicas_min} replicas started within "
             f"{START_TIMEOUT_S:.0f}s"
         )
 
@@ -228,8 +237,12 @@ class PredictorPool:
         missing = self._spec.replicas_max - len(self._busy)
         if missing <= 0 or self.plan is None:
             return None
-        if not self._ever_ready:
-            return f"starting replicas: 0 of {self._spec.replicas_max} hold the model"
+        if not self.started:
+            unplaced = self._spec.replicas_max - self.plan.replicas_now
+            if unplaced <= 0:  # all placed: they are loading the model
+                return (f"starting replicas: {len(self._busy)} of {self._spec.replicas_max} "
+                        "hold the model")
+            missing = unplaced  # what the placed ones wait for is the model; these, room
         return (
             f"waiting for {missing} of {self._spec.replicas_max} replicas: "
             f"needs {describe(self.plan.replica)}"
