@@ -15,9 +15,9 @@ class Progress:
     rows_failed: int = 0
     rows_this_run: int = 0
     started: float = field(default_factory=time.monotonic)
-    startup_s: float = 0.0  # until the first replica held the model (decode may begin before)
+    startup_s: float = 0.0  # until MIN replicas held the model (decode may begin before)
     waiting: str | None = None  # what the job waits for (resources, replicas), if anything
-    processing: bool = False  # a replica holds the model (first batches may decode before)
+    processing: bool = False  # MIN replicas hold the model (first batches may decode before)
 
     def begin_processing(self) -> None:
         """The replicas hold the model: from now on the clock measures images, not start-up."""
