@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -122,13 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         dispatcher.terminate()  # it stops the head it started
         dispatcher.wait(timeout=60)
-    medians = {k: statistics.median(v) for k, v in results.items()}
-    print(f"\n{'measure':32} {'median':>8}  runs")
-    for key, value in medians.items():
-        print(f"{key:32} {value:8.2f}  {results[key]}")
-    started_at = time.strftime("%Y%m%d-%H%M%S")
-    report.write_json(Path(args.out) / f"latency-{started_at}.json",
-                      {"args": vars(args), "medians": medians, "runs": results})
+    report.report_medians(args.out, "latency", args, results)
     return 0
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
@@ -122,6 +123,18 @@ def format_table(rows: list[dict[str, Any]]) -> str:
 
     rule = "  ".join("-" * w for w in widths)
     return "\n".join([line(header), rule, *(line(b) for b in body)])
+
+
+def report_medians(out: str, kind: str, args: Any, runs: dict[str, list[float]],
+                   label: str = "measure") -> None:
+    """Print each measure's median beside its runs; write ``<out>/<kind>-<timestamp>.json``."""
+    medians = {name: statistics.median(values) for name, values in runs.items()}
+    print(f"\n{label:34} {'median':>8}  runs")
+    for name, value in medians.items():
+        print(f"{name:34} {value:8.2f}  {runs[name]}")
+    started = time.strftime("%Y%m%d-%H%M%S")
+    write_json(Path(out) / f"{kind}-{started}.json",
+               {"args": vars(args), "medians": medians, "runs": runs})
 
 
 def write_json(path: Path, record: dict[str, Any]) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
@@ -88,13 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, seconds in step.items():
                 runs.setdefault(name, []).append(round(seconds, 3))
         print(".", end="", flush=True)
-    medians = {name: statistics.median(values) for name, values in runs.items()}
-    print(f"\n{'step':34} {'median s':>8}  runs")
-    for name, value in medians.items():
-        print(f"{name:34} {value:8.2f}  {runs[name]}")
-    started = time.strftime("%Y%m%d-%H%M%S")
-    report.write_json(Path(args.out) / f"steps-{started}.json",
-                      {"args": vars(args), "medians": medians, "runs": runs})
+    report.report_medians(args.out, "steps", args, runs, label="step")
     return 0
 
 
