@@ -167,6 +167,7 @@ class PredictorPool:
     def started(self) -> bool:
         """Whether ``replicas_min`` replicas have held the model: model work may begin (and
         goes on with fewer, should some be lost later)."""
+        self._began = self._began or len(self._busy) >= self._spec.replicas_min
         return self._began
 
     def check_started(self) -> None:
@@ -217,7 +218,6 @@ class PredictorPool:
                     raise ModelError(f"a model replica failed to start: {root_cause(exc)}") from exc
                 self._busy[actor] = 0
                 self._ever_ready.add(actor)
-            self._began = self._began or len(self._busy) >= self._spec.replicas_min
         self._check_some_alive()
 
     def _check_some_alive(self) -> None:
