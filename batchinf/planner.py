@@ -16,7 +16,8 @@ Rules, in order:
    Replicas reserve up to ``--cpus-per-replica`` (by default: all a node has left beside
    decode, shared by the replicas on it; one CPU for a GPU replica) and shrink (never below
    ``MIN_SHARE``) until the replicas and decode fit side by side on the nodes. TensorFlow gets
-   one thread per reserved CPU, so a replica that reserves the node uses the node.
+   one thread per reserved CPU, so a replica that reserves the node uses the node; a CPU
+   replica splits them into up to four model calls at once (``model_streams``).
 3. Replicas spread: each goes to the fitting node with the most free CPU.
 4. Decode goes where CPUs are left, nodes without the replicas' special resources (GPU nodes)
    first; if those nodes can take all of it, decode is kept off the GPU nodes.
@@ -38,6 +39,7 @@ from batchinf.job import JobSpec
 
 DECODE_CPUS_PER_GPU = 4.0  # docs/performance.md: a GPU replica outruns one CPU of decode ~10x
 DECODE_CPUS_BESIDE_CPU_REPLICAS = 0.5  # a CPU model spends ~10x decode's CPU per image
+MAX_MODEL_STREAMS = 4  # concurrent model calls per CPU replica (``model_streams``)
 MIN_SHARE = 0.1  # below this a reservation stops meaning anything
 _EPS = 1e-9
 
@@ -67,17 +69,18 @@ class Plan:
     decode_tasks: int  # decode tasks kept running at once
     replicas_now: int  # replicas that fit in what is free now (0: the job must wait)
     replicas_max: int
-    tf_threads: int  # TensorFlow intra-op threads per replica: the CPUs it reserved
+    tf_threads: int  # TensorFlow threads per replica: the CPUs it reserved
     fetch_threads: int
     decode_nice: int
     avoid_nodes: tuple[str, ...] = ()  # decode stays off these (they hold the GPU replicas)
     waiting: str | None = None  # why not every replica fits now
     placement: dict[str, list[str]] = field(default_factory=dict)  # node -> ["replica", "decode"]
+    model_streams: int = 1  # model calls a replica runs at once (``model_streams``)
 
     @property
     def max_in_flight(self) -> int:
-        """Two batches per replica (one running, one ready) and one per decode task."""
-        return 2 * self.replicas_max + self.decode_tasks + 1
+        """Per replica, one batch per model stream running and one ready; one per decode task."""
+        return (self.model_streams + 1) * self.replicas_max + self.decode_tasks + 1
 
     @property
     def replica_cpus(self) -> float:
@@ -99,6 +102,22 @@ class Plan:
         data["max_in_flight"] = self.max_in_flight
         data["avoid_nodes"] = list(self.avoid_nodes)
         return data
+
+
+def model_streams(threads: int, gpu: bool = False) -> int:
+    """How many model calls a CPU replica runs at once, each on its share of ``threads``.
+
+    One call spread over every core waits at each layer for its slowest thread, and a core
+    taken for a moment by anything else (decode, the driver, Ray) stalls the whole call; on
+    two cores that cost a third of the model's speed. Independent calls of one thread each
+    keep every core busy instead (docs/performance.md). At most ``MAX_MODEL_STREAMS``, so
+    that activations (one batch per stream) stay bounded on big nodes; a GPU replica runs
+    one call at a time. ``BATCHINF_MODEL_STREAMS`` overrides.
+    """
+    given = os.environ.get("BATCHINF_MODEL_STREAMS")
+    if given:
+        return max(1, int(given))
+    return 1 if gpu else max(1, min(threads, MAX_MODEL_STREAMS))
 
 
 def special_needs(spec: JobSpec) -> dict[str, float]:
@@ -163,13 +182,15 @@ def _finish(found: _Fit, spec: JobSpec, count: int) -> Plan:
             f"waiting for {spec.replicas_max - count} of {spec.replicas_max} replicas: "
             f"needs {describe(found.replica)}"
         )
+    tf_threads = int(threads) if threads else max(1, math.ceil(cpus - _EPS))
     return Plan(
         replica=found.replica,
         decode_cpus=found.decode_cpus,
         decode_tasks=found.decode_tasks,
         replicas_now=count,
         replicas_max=spec.replicas_max,
-        tf_threads=int(threads) if threads else max(1, math.ceil(cpus - _EPS)),
+        tf_threads=tf_threads,
+        model_streams=model_streams(tf_threads, gpu=found.replica.get("GPU", 0.0) > 0),
         fetch_threads=int(os.environ.get("BATCHINF_FETCH_THREADS") or FETCH_THREADS),
         decode_nice=int(os.environ.get("BATCHINF_DECODE_NICE") or DECODE_NICE),
         avoid_nodes=found.avoid,

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,8 +40,11 @@ class Predictor:
     """Holds one loaded SavedModel; ``predict`` maps a DecodedBatch to a PredictedBatch."""
 
     def __init__(
-        self, source: ModelSource, top_k: int, threads: int | None = None, warm_up_rows: int = 0
+        self, source: ModelSource, top_k: int, threads: int | None = None, warm_up_rows: int = 0,
+        streams: int = 1,
     ) -> None:
+        """``threads``: TensorFlow's threads in all; ``streams``: how many ``predict`` calls
+        run at once (the actor's concurrency), each with its share of the threads."""
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
 
@@ -48,8 +52,9 @@ class Predictor:
             with contextlib.suppress(RuntimeError):
                 tf.config.experimental.set_memory_growth(gpu, True)
         if threads:
-            tf.config.threading.set_intra_op_parallelism_threads(threads)
-            tf.config.threading.set_inter_op_parallelism_threads(max(1, threads // 2))
+            tf.config.threading.set_intra_op_parallelism_threads(max(1, threads // streams))
+            tf.config.threading.set_inter_op_parallelism_threads(
+                streams if streams > 1 else max(1, threads // 2))
         self._tf = tf
         self._top_k = top_k
         self._loaded = _load(tf, source.saved_model_uri)  # keep a reference: it owns the variables
@@ -61,7 +66,10 @@ class Predictor:
         low, high = source.input_range or _default_range(self._input_dtype)
         self._call = self._compile((high - low) / 255.0, low)
         self._warm_up(warm_up_rows)
-        self.busy_s = 0.0  # time spent in the model, for the job's model_busy figure
+        self.busy_s = 0.0  # time with at least one call in the model, for model_busy
+        self._running = 0  # calls in the model now (several with model streams)
+        self._busy_since = 0.0
+        self._busy_lock = threading.Lock()
 
     @property
     def _input_dtype(self) -> Any:
@@ -142,16 +150,30 @@ class Predictor:
         inputs = self._inputs(batch)
         errors = dict(batch.errors)
         positions = list(batch.positions)
-        started = time.perf_counter()
+        self._model_enter()
         try:
             scores = self._run(inputs)
         except Exception:
             # One input broke the whole call: retry row by row so only that row fails.
             scores, positions = self._run_singly(inputs, positions, errors)
-        self.busy_s += time.perf_counter() - started
+        finally:
+            self._model_leave()
         assert scores.shape[0] == len(positions), "the model must give one output per input"
         class_ids, top = _top_k(scores, top_k or self._top_k)
         return PredictedBatch(batch.size, positions, class_ids, top, errors)
+
+    def _model_enter(self) -> None:
+        with self._busy_lock:
+            if self._running == 0:
+                self._busy_since = time.perf_counter()
+            self._running += 1
+
+    def _model_leave(self) -> None:
+        """Count the time any call was in the model once, however many ran at once."""
+        with self._busy_lock:
+            self._running -= 1
+            if self._running == 0:
+                self.busy_s += time.perf_counter() - self._busy_since
 
     def _inputs(self, batch: DecodedBatch) -> Any:
         if self.info.input.kind == "bytes":

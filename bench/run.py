@@ -258,6 +258,19 @@ PIPELINES: dict[str, Pipeline] = {
             setup=lambda ctx: contextlib.nullcontext({"BATCHINF_DECODE_POLICY": "nice"}),
         ),
         Pipeline(
+            "batchinf-samepri",
+            "batchinf-local with decode threads at the model's priority (BATCHINF_DECODE_NICE=0)",
+            _batchinf("batchinf-samepri"),
+            setup=lambda ctx: contextlib.nullcontext({"BATCHINF_DECODE_NICE": "0"}),
+        ),
+        Pipeline(
+            "batchinf-1stream",
+            "batchinf-local with one model call at a time over both TensorFlow threads (as "
+            "before model streams)",
+            _batchinf("batchinf-1stream"),
+            setup=lambda ctx: contextlib.nullcontext({"BATCHINF_MODEL_STREAMS": "1"}),
+        ),
+        Pipeline(
             "batchinf-2x1",
             "batchinf-local with 2 replicas of 1 TensorFlow thread each (two model streams)",
             _batchinf("batchinf-2x1", "--replicas", "2"),

@@ -212,3 +212,41 @@ def test_an_exif_turned_photo_scores_as_the_same_photo_turned_in_pixels(ray_loca
     assert [label for label, _ in tagged] == [label for label, _ in turned]
     assert [s for _, s in tagged] == pytest.approx([s for _, s in turned], abs=0.02)
     assert tagged[0][0] == "red" and stored[0][0] != "red"  # the model sees which way is up
+
+
+def test_model_streams_answer_each_batch_with_its_own_rows(ray_local, image_model, colour_images, tmp_path):
+    manifest, colours = colour_images
+    output = str(tmp_path / "out")
+    result = run_job("job-streams", JobSpec(manifest, image_model, output, top_k=3, batch_size=1))
+    _assert_exact(_read(output), colours, 3)  # 12 one-row batches through two model streams
+    assert result.summary["resources"]["model_streams"] == 2
+    assert 0 < result.summary["model_busy"] <= 1  # time in the model counted once, not per stream
+
+
+def test_concurrent_predict_calls_are_exact_and_count_model_time_once(image_model) -> None:
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from batchinf.decode import DecodedBatch
+    from batchinf.model import resolve_model
+    from batchinf.predictor import Predictor
+    from tests.conftest import COLOURS
+
+    source = resolve_model(image_model)
+    predictor = Predictor(source, 3, threads=2, streams=2)
+    assert source.labels is not None
+    spec = predictor.info.input
+
+    def one(colour: tuple[int, int, int]) -> list[str]:
+        pixels = np.full((4, spec.height, spec.width, 3), colour, np.uint8)
+        done = predictor.predict(DecodedBatch(4, [0, 1, 2, 3], pixels=pixels))
+        return [source.labels[c] for c in done.class_ids[3]]
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(2) as threads:
+        answers = list(threads.map(one, COLOURS * 8))
+    wall = time.perf_counter() - started
+    assert answers == [[label for label, _ in expected_topk(c, 3)] for c in COLOURS * 8]
+    assert 0 < predictor.busy_seconds() <= wall

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from batchinf.job import JobSpec
-from batchinf.planner import DECODE_CPUS_PER_GPU, Infeasible, NodeView, Plan, plan
+from batchinf.planner import DECODE_CPUS_PER_GPU, Infeasible, NodeView, Plan, model_streams, plan
 
 
 def spec(**kw: object) -> JobSpec:
@@ -65,7 +65,18 @@ def test_the_deadlocked_two_node_case_now_plans_half_cpu_replicas() -> None:
 def test_one_replica_on_the_embedded_two_cpus_takes_what_decode_leaves_and_two_threads() -> None:
     p = plan(nodes({"CPU": 2}), spec())
     assert (p.replica_cpus, p.decode_cpus, p.decode_tasks, p.tf_threads) == (1.5, 0.5, 1, 2)
-    assert p.max_in_flight == 4
+    assert p.model_streams == 2  # two calls of one thread each, not one call over two
+    assert p.max_in_flight == 5  # a running batch per stream and one ready; one per decode task; +1
+
+
+def test_model_streams_one_per_thread_up_to_four_and_one_on_a_gpu(monkeypatch) -> None:
+    assert [model_streams(t) for t in (1, 2, 3, 4, 16)] == [1, 2, 3, 4, 4]
+    assert model_streams(8, gpu=True) == 1
+    assert plan(nodes({"CPU": 8, "GPU": 1}), spec(gpus_per_replica=1.0)).model_streams == 1
+    assert plan(nodes({"CPU": 1}), spec()).model_streams == 1
+    monkeypatch.setenv("BATCHINF_MODEL_STREAMS", "1")
+    p = plan(nodes({"CPU": 2}), spec())
+    assert (p.model_streams, p.tf_threads, p.max_in_flight) == (1, 2, 4)
 
 
 def test_cpus_per_replica_caps_the_replica_and_leaves_the_rest_free() -> None:
