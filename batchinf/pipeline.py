@@ -213,7 +213,7 @@ class JobRunner:
         batch.sent_at = time.monotonic()
         if batch.pixels is None:
             batch.pixels = self._decode(batch.uris)
-        self._in_flight[pool.predict(batch.actor, batch.pixels)] = batch
+        self._in_flight[batch.actor.predict.remote(batch.pixels)] = batch
         batch.pixels = None  # the call holds it now; a resend decodes again
         pool.sent(batch.actor)
 

@@ -17,7 +17,7 @@ Rules, in order:
    decode, shared by the replicas on it; one CPU for a GPU replica) and shrink (never below
    ``MIN_SHARE``) until the replicas and decode fit side by side on the nodes. TensorFlow gets
    one thread per reserved CPU, so a replica that reserves the node uses the node; a CPU
-   replica splits them into up to four model calls at once (``model_streams``).
+   replica splits each batch into up to four parts run at once (``model_streams``).
 3. Replicas spread: each goes to the fitting node with the most free CPU.
 4. Decode goes where CPUs are left, nodes without the replicas' special resources (GPU nodes)
    first; if those nodes can take all of it, decode is kept off the GPU nodes.
@@ -39,7 +39,7 @@ from batchinf.job import JobSpec
 
 DECODE_CPUS_PER_GPU = 4.0  # docs/performance.md: a GPU replica outruns one CPU of decode ~10x
 DECODE_CPUS_BESIDE_CPU_REPLICAS = 0.5  # a CPU model spends ~10x decode's CPU per image
-MAX_MODEL_STREAMS = 4  # concurrent model calls per CPU replica (``model_streams``)
+MAX_MODEL_STREAMS = 4  # parts of a batch run at once in a CPU replica (``model_streams``)
 MIN_SHARE = 0.1  # below this a reservation stops meaning anything
 _EPS = 1e-9
 
@@ -75,12 +75,12 @@ class Plan:
     avoid_nodes: tuple[str, ...] = ()  # decode stays off these (they hold the GPU replicas)
     waiting: str | None = None  # why not every replica fits now
     placement: dict[str, list[str]] = field(default_factory=dict)  # node -> ["replica", "decode"]
-    model_streams: int = 1  # model calls a replica runs at once (``model_streams``)
+    model_streams: int = 1  # parts each batch is split into, run at once (``model_streams``)
 
     @property
     def max_in_flight(self) -> int:
-        """Per replica, one batch per model stream running and one ready; one per decode task."""
-        return (self.model_streams + 1) * self.replicas_max + self.decode_tasks + 1
+        """Two batches per replica (one running, one ready) and one per decode task."""
+        return 2 * self.replicas_max + self.decode_tasks + 1
 
     @property
     def replica_cpus(self) -> float:
@@ -105,14 +105,15 @@ class Plan:
 
 
 def model_streams(threads: int, gpu: bool = False) -> int:
-    """How many model calls a CPU replica runs at once, each on its share of ``threads``.
+    """Into how many parts a CPU replica splits each batch, run at once on its ``threads``.
 
-    One call spread over every core waits at each layer for its slowest thread, and a core
+    One call spread over every core waits at each layer for its slowest thread, so a core
     taken for a moment by anything else (decode, the driver, Ray) stalls the whole call; on
-    two cores that cost a third of the model's speed. Independent calls of one thread each
-    keep every core busy instead (docs/performance.md). At most ``MAX_MODEL_STREAMS``, so
-    that activations (one batch per stream) stay bounded on big nodes; a GPU replica runs
-    one call at a time. ``BATCHINF_MODEL_STREAMS`` overrides.
+    two cores that cost the model about a sixth of its speed beside decode. Parts of one
+    thread each run layer after layer without waiting for each other (docs/performance.md).
+    The parts together are one batch, so memory does not grow. At most
+    ``MAX_MODEL_STREAMS``, with the threads shared out among them on bigger nodes; a GPU
+    replica runs each batch whole. ``BATCHINF_MODEL_STREAMS`` overrides.
     """
     given = os.environ.get("BATCHINF_MODEL_STREAMS")
     if given:

@@ -34,7 +34,6 @@ REPLICA_LOSS_TIMEOUT_S = float(os.environ.get("BATCHINF_REPLICA_LOSS_TIMEOUT", "
 PLACEMENT_WAIT_S = 10.0  # a reservation not placed by then is re-planned from what is free
 REPLICA_RESTARTS = 8
 NODE_ID_LABEL = "ray.io/node-id"
-MODEL_GROUP = "model"  # the replica's concurrency group for model calls
 
 
 def live_nodes() -> list[NodeView]:
@@ -104,7 +103,7 @@ class PredictorPool:
     @property
     def max_in_flight(self) -> int:
         assert self.plan is not None
-        return max(self.plan.max_in_flight, (self.plan.model_streams + 1) * len(self._busy) + 1)
+        return max(self.plan.max_in_flight, 2 * len(self._busy) + 1)
 
     @property
     def ready_count(self) -> int:
@@ -143,9 +142,7 @@ class PredictorPool:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         assert self.plan is not None
-        # Model calls run in a concurrency group of their own, one thread per model stream;
-        # ready() and busy_seconds() answer on the actor's default thread meanwhile.
-        remote = ray.remote(concurrency_groups={MODEL_GROUP: self.plan.model_streams})(Predictor)
+        remote = ray.remote(Predictor)
         custom = {k: v for k, v in self.plan.replica.items() if k not in ("CPU", "GPU")}
         for number in range(self._spec.replicas_max):
             strategy: Any = "SPREAD"
@@ -251,11 +248,6 @@ class PredictorPool:
             f"waiting for {missing} of {self._spec.replicas_max} replicas: "
             f"needs {describe(self.plan.replica)}"
         )
-
-    @staticmethod
-    def predict(actor: Any, pixels: Any) -> Any:
-        """Send a batch to ``actor``'s model streams; the ObjectRef of its ``PredictedBatch``."""
-        return actor.predict.options(concurrency_group=MODEL_GROUP).remote(pixels)
 
     def pick(self) -> Any | None:
         """The least busy ready replica, or None while none is ready."""

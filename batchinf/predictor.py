@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
-import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -43,8 +43,8 @@ class Predictor:
         self, source: ModelSource, top_k: int, threads: int | None = None, warm_up_rows: int = 0,
         streams: int = 1,
     ) -> None:
-        """``threads``: TensorFlow's threads in all; ``streams``: how many ``predict`` calls
-        run at once (the actor's concurrency), each with its share of the threads."""
+        """``threads``: TensorFlow's threads in all. ``streams``: how many parts each batch is
+        split into, run at once on their share of the threads (``planner.model_streams``)."""
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
 
@@ -55,6 +55,8 @@ class Predictor:
             tf.config.threading.set_intra_op_parallelism_threads(max(1, threads // streams))
             tf.config.threading.set_inter_op_parallelism_threads(
                 streams if streams > 1 else max(1, threads // 2))
+        self._stream_count = streams
+        self._streams = ThreadPoolExecutor(streams, "model-stream") if streams > 1 else None
         self._tf = tf
         self._top_k = top_k
         self._loaded = _load(tf, source.saved_model_uri)  # keep a reference: it owns the variables
@@ -66,10 +68,7 @@ class Predictor:
         low, high = source.input_range or _default_range(self._input_dtype)
         self._call = self._compile((high - low) / 255.0, low)
         self._warm_up(warm_up_rows)
-        self.busy_s = 0.0  # time with at least one call in the model, for model_busy
-        self._running = 0  # calls in the model now (several with model streams)
-        self._busy_since = 0.0
-        self._busy_lock = threading.Lock()
+        self.busy_s = 0.0  # time spent in the model, for the job's model_busy figure
 
     @property
     def _input_dtype(self) -> Any:
@@ -150,30 +149,16 @@ class Predictor:
         inputs = self._inputs(batch)
         errors = dict(batch.errors)
         positions = list(batch.positions)
-        self._model_enter()
+        started = time.perf_counter()
         try:
-            scores = self._run(inputs)
+            scores = self._run_streams(inputs)
         except Exception:
             # One input broke the whole call: retry row by row so only that row fails.
             scores, positions = self._run_singly(inputs, positions, errors)
-        finally:
-            self._model_leave()
+        self.busy_s += time.perf_counter() - started
         assert scores.shape[0] == len(positions), "the model must give one output per input"
         class_ids, top = _top_k(scores, top_k or self._top_k)
         return PredictedBatch(batch.size, positions, class_ids, top, errors)
-
-    def _model_enter(self) -> None:
-        with self._busy_lock:
-            if self._running == 0:
-                self._busy_since = time.perf_counter()
-            self._running += 1
-
-    def _model_leave(self) -> None:
-        """Count the time any call was in the model once, however many ran at once."""
-        with self._busy_lock:
-            self._running -= 1
-            if self._running == 0:
-                self.busy_s += time.perf_counter() - self._busy_since
 
     def _inputs(self, batch: DecodedBatch) -> Any:
         if self.info.input.kind == "bytes":
@@ -185,6 +170,17 @@ class Predictor:
             return np.zeros((0, self.info.num_classes), np.float32)
         dtype = self._tf.string if self.info.input.kind == "bytes" else self._tf.uint8
         return np.asarray(self._call(self._tf.constant(inputs, dtype=dtype)), dtype=np.float32)
+
+    def _run_streams(self, inputs: Any) -> np.ndarray:
+        """The batch split into one part per model stream, the parts run at once, the scores
+        put back in row order. Each part runs on its own thread from the first layer to the
+        last, so a thread that loses its core for a moment delays its own part only; one call
+        over all threads would wait for it at every layer."""
+        if self._streams is None or len(inputs) < self._stream_count:
+            return self._run(inputs)
+        size = -(-len(inputs) // self._stream_count)
+        parts = [inputs[start : start + size] for start in range(0, len(inputs), size)]
+        return np.concatenate(list(self._streams.map(self._run, parts)))
 
     def _run_singly(
         self, inputs: Any, positions: list[int], errors: RowErrors

@@ -265,8 +265,8 @@ PIPELINES: dict[str, Pipeline] = {
         ),
         Pipeline(
             "batchinf-1stream",
-            "batchinf-local with one model call at a time over both TensorFlow threads (as "
-            "before model streams)",
+            "batchinf-local with each batch run whole over both TensorFlow threads (as before "
+            "model streams)",
             _batchinf("batchinf-1stream"),
             setup=lambda ctx: contextlib.nullcontext({"BATCHINF_MODEL_STREAMS": "1"}),
         ),

@@ -65,8 +65,8 @@ def test_the_deadlocked_two_node_case_now_plans_half_cpu_replicas() -> None:
 def test_one_replica_on_the_embedded_two_cpus_takes_what_decode_leaves_and_two_threads() -> None:
     p = plan(nodes({"CPU": 2}), spec())
     assert (p.replica_cpus, p.decode_cpus, p.decode_tasks, p.tf_threads) == (1.5, 0.5, 1, 2)
-    assert p.model_streams == 2  # two calls of one thread each, not one call over two
-    assert p.max_in_flight == 5  # a running batch per stream and one ready; one per decode task; +1
+    assert p.model_streams == 2  # each batch in two parts of one thread each
+    assert p.max_in_flight == 4
 
 
 def test_model_streams_one_per_thread_up_to_four_and_one_on_a_gpu(monkeypatch) -> None:
