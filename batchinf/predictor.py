@@ -99,15 +99,18 @@ class Predictor:
         return call
 
     def _warm_up(self, rows: int) -> None:
-        """One call on blank images at the job's batch size, as part of loading the model.
+        """One call on one blank image, as part of loading the model (``rows`` 0: none).
 
-        The first call traces the graph and picks kernels (a second or more for a CNN); done
-        here, it is start-up time and the first real batch runs at full speed.
+        The first call traces the graph (a second or more for a CNN); done here, it is
+        start-up time and the first real batch runs at full speed. The graph takes any batch
+        size, so a whole batch of blanks would only add its compute: from the replica's start
+        to the end of its first batch of 64, one blank row took 8.8-9.2 s here, a batch of 64
+        blanks 10.8-11.5 s (docs/performance.md).
         """
         if rows < 1 or self.info.input.kind != "image":
             return
         spec = self.info.input
-        blank = np.zeros((rows, spec.height, spec.width, 3), np.uint8)
+        blank = np.zeros((1, spec.height, spec.width, 3), np.uint8)
         with contextlib.suppress(Exception):  # a model that rejects blanks fails on real rows
             self._run(blank)
 
