@@ -208,8 +208,7 @@ class Classifier:
         # Ray sets OMP_NUM_THREADS to the replica's CPUs (1), and TensorFlow's oneDNN build
         # follows it unless told: without --cpus-per-replica, use every core this node has.
         threads = settings.threads or len(os.sched_getaffinity(0))
-        self._predictor = Predictor(settings.source, settings.top_k, threads,
-                                    warm_up_rows=settings.max_batch_size)
+        self._predictor = Predictor(settings.source, settings.top_k, threads, warm_up=True)
         self._classify_batch.set_max_batch_size(settings.max_batch_size)
         self._classify_batch.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000.0)
 

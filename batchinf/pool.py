@@ -158,7 +158,7 @@ class PredictorPool:
                 max_restarts=REPLICA_RESTARTS,
                 max_task_retries=0,  # a lost call is resent by the driver, to a live replica
                 scheduling_strategy=strategy,
-            ).remote(self._source, self._spec.top_k, self.plan.tf_threads, self._spec.batch_size,
+            ).remote(self._source, self._spec.top_k, self.plan.tf_threads, True,
                      self.plan.model_streams)
             self._actors.append(actor)
             self._starting[actor.ready.remote()] = actor
@@ -168,7 +168,6 @@ class PredictorPool:
     def started(self) -> bool:
         """Whether ``replicas_min`` replicas have held the model: model work may begin (and
         goes on with fewer, should some be lost later)."""
-        self._began = self._began or len(self._busy) >= self._spec.replicas_min
         return self._began
 
     def check_started(self) -> None:
@@ -219,6 +218,7 @@ class PredictorPool:
                     raise ModelError(f"a model replica failed to start: {root_cause(exc)}") from exc
                 self._busy[actor] = 0
                 self._ever_ready.add(actor)
+        self._began = self._began or len(self._busy) >= self._spec.replicas_min
         self._check_some_alive()
 
     def _check_some_alive(self) -> None:

@@ -40,7 +40,7 @@ class Predictor:
     """Holds one loaded SavedModel; ``predict`` maps a DecodedBatch to a PredictedBatch."""
 
     def __init__(
-        self, source: ModelSource, top_k: int, threads: int | None = None, warm_up_rows: int = 0,
+        self, source: ModelSource, top_k: int, threads: int | None = None, warm_up: bool = False,
         streams: int = 1,
     ) -> None:
         """``threads``: TensorFlow's threads in all. ``streams``: how many parts each batch is
@@ -67,7 +67,8 @@ class Predictor:
         self.info = model_info(_signature_of(self._fn), source)
         low, high = source.input_range or _default_range(self._input_dtype)
         self._call = self._compile((high - low) / 255.0, low)
-        self._warm_up(warm_up_rows)
+        if warm_up:
+            self._warm_up()
         self.busy_s = 0.0  # time spent in the model, for the job's model_busy figure
 
     @property
@@ -98,8 +99,8 @@ class Predictor:
 
         return call
 
-    def _warm_up(self, rows: int) -> None:
-        """One call on one blank image, as part of loading the model (``rows`` 0: none).
+    def _warm_up(self) -> None:
+        """One call on one blank image, as part of loading the model.
 
         The first call traces the graph (a second or more for a CNN); done here, it is
         start-up time and the first real batch runs at full speed. The graph takes any batch
@@ -107,7 +108,7 @@ class Predictor:
         to the end of its first batch of 64, one blank row took 8.8-9.2 s here, a batch of 64
         blanks 10.8-11.5 s (docs/performance.md).
         """
-        if rows < 1 or self.info.input.kind != "image":
+        if self.info.input.kind != "image":
             return
         spec = self.info.input
         blank = np.zeros((1, spec.height, spec.width, 3), np.uint8)

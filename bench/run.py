@@ -181,6 +181,11 @@ def warm_ray(ctx: BenchContext) -> Iterator[dict[str, str]]:
             dispatcher.wait(timeout=60)
 
 
+def _with_env(env: dict[str, str]) -> Setup:
+    """A set-up that only sets environment variables for the pipeline's process."""
+    return lambda ctx: contextlib.nullcontext(env)
+
+
 NOTES: dict[str, Any] = {}  # what set-ups measured, for the JSON record
 
 
@@ -255,32 +260,32 @@ PIPELINES: dict[str, Pipeline] = {
             "batchinf-local with decode threads niced (19 beside the model's 15) instead of "
             "SCHED_IDLE",
             _batchinf("batchinf-nice"),
-            setup=lambda ctx: contextlib.nullcontext({"BATCHINF_DECODE_POLICY": "nice"}),
+            setup=_with_env({"BATCHINF_DECODE_POLICY": "nice"}),
         ),
         Pipeline(
             "batchinf-samepri",
             "batchinf-local with decode threads at the model's priority (BATCHINF_DECODE_NICE=0)",
             _batchinf("batchinf-samepri"),
-            setup=lambda ctx: contextlib.nullcontext({"BATCHINF_DECODE_NICE": "0"}),
+            setup=_with_env({"BATCHINF_DECODE_NICE": "0"}),
         ),
         Pipeline(
             "batchinf-1stream",
             "batchinf-local with each batch run whole over both TensorFlow threads (as before "
             "model streams)",
             _batchinf("batchinf-1stream"),
-            setup=lambda ctx: contextlib.nullcontext({"BATCHINF_MODEL_STREAMS": "1"}),
+            setup=_with_env({"BATCHINF_MODEL_STREAMS": "1"}),
         ),
         Pipeline(
             "batchinf-2x1",
             "batchinf-local with 2 replicas of 1 TensorFlow thread each (two model streams)",
             _batchinf("batchinf-2x1", "--replicas", "2"),
-            setup=lambda ctx: contextlib.nullcontext({"BATCHINF_TF_THREADS": "1"}),
+            setup=_with_env({"BATCHINF_TF_THREADS": "1"}),
         ),
         Pipeline(
             "batchinf-allcores",
             "batchinf-local with TensorFlow on every core, not just the CPUs the replica reserved",
             _batchinf("batchinf-allcores"),
-            setup=lambda ctx: contextlib.nullcontext({"BATCHINF_TF_THREADS": str(os.cpu_count())}),
+            setup=_with_env({"BATCHINF_TF_THREADS": str(os.cpu_count())}),
         ),
         Pipeline(
             "batchinf-s3",

@@ -48,7 +48,7 @@ import tensorflow
 t1 = time.perf_counter()
 from batchinf.model import resolve_model
 from batchinf.predictor import Predictor
-Predictor(resolve_model({model!r}), 5, None, 64)
+Predictor(resolve_model({model!r}), 5, None, True)
 t2 = time.perf_counter()
 print(json.dumps({{"import tensorflow": t1 - t0, "load + warm up MobileNetV2": t2 - t1}}))
 """
