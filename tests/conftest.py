@@ -102,6 +102,16 @@ def write_manifest(path: Any, header: list[str], rows: list[list[str]]) -> str:
     return str(path)
 
 
+def repeated_manifest(manifest: str, times: int, path: Any) -> str:
+    """The manifest's images ``times`` over, numbered on: a longer job from the same files."""
+    import csv
+
+    with open(manifest, newline="", encoding="utf-8") as f:
+        uris = [row["uri"] for row in csv.DictReader(f)]
+    every = [[uri, str(n)] for n, uri in enumerate(uris * times)]
+    return write_manifest(path, ["uri", "n"], every)
+
+
 @pytest.fixture()
 def colour_images(tmp_path: Any) -> tuple[str, list[tuple[int, int, int]]]:
     """A manifest of 12 solid-colour PNGs (relative paths) with two pass-through columns."""

@@ -23,7 +23,7 @@ import requests
 from batchinf.job import Job, JobSpec, JobState
 from batchinf.store import JobStore
 from tests.cluster import LocalCluster
-from tests.conftest import until, write_manifest
+from tests.conftest import repeated_manifest, until, write_manifest
 from tests.models import write_solid_image
 from tests.serving import start_server
 
@@ -185,7 +185,7 @@ def test_an_infeasible_demand_fails_fast_naming_it(
 def test_a_replica_that_cannot_be_placed_shows_why_and_the_job_goes_on(
     store: JobStore, image_model: str, images: str, tmp_path: Any
 ) -> None:
-    long = _repeated(images, 4, tmp_path / "long.csv")  # long enough to ask while it runs
+    long = repeated_manifest(images, 4, tmp_path / "long.csv")  # long enough to ask while it runs
     job, _ = store.create(JobSpec(long, image_model, str(tmp_path / "out"), batch_size=2,
                                   replicas_min=1, replicas_max=2,
                                   replica_resources={"gpu_node": 1.0}))
@@ -202,7 +202,7 @@ def test_a_replica_process_killed_mid_job_is_restarted_and_its_batches_redone(
     cluster: LocalCluster, store: JobStore, image_model: str, images: str, tmp_path: Any
 ) -> None:
     output = str(tmp_path / "out")
-    long = _repeated(images, 10, tmp_path / "long.csv")  # 4,000 rows, one image a batch
+    long = repeated_manifest(images, 10, tmp_path / "long.csv")  # 4,000 rows, one image a batch
     job, _ = store.create(JobSpec(long, image_model, output, batch_size=1, shard_size=40))
     # Found while it loads the model: the state API takes seconds to answer, about as long as
     # the model takes over 1,600 rows here.
@@ -221,7 +221,7 @@ def test_a_worker_node_lost_mid_job_costs_no_row_and_no_error(
 ) -> None:
     victim = cluster.add_node(1)
     output = str(tmp_path / "out")
-    long = _repeated(images, 10, tmp_path / "long.csv")  # 4,000 rows, one image a batch
+    long = repeated_manifest(images, 10, tmp_path / "long.csv")  # 4,000 rows, one image a batch
     job, _ = store.create(JobSpec(long, image_model, output, replicas_min=3, replicas_max=3,
                                   batch_size=1, shard_size=40))
     until(lambda: victim.node_id in replica_nodes(cluster, job))  # the state API is slow
@@ -242,7 +242,7 @@ def test_every_replica_lost_is_retried_as_a_new_attempt_once_a_node_returns(
     spot = cluster.add_nodes((1, {"spot": 1}), (1, {"spot": 1}))
     output = str(tmp_path / "out")
     # Long enough that attempt 1 cannot finish before the kill, even on a quiet machine.
-    long = _repeated(images, 10, tmp_path / "long.csv")
+    long = repeated_manifest(images, 10, tmp_path / "long.csv")
     job, _ = store.create(JobSpec(long, image_model, output, batch_size=1, shard_size=40,
                                   replica_resources={"spot": 1.0}))
     until(lambda: store.get(job.job_id).rows_done >= 40)
@@ -257,12 +257,3 @@ def test_every_replica_lost_is_retried_as_a_new_attempt_once_a_node_returns(
     assert done.state is JobState.SUCCEEDED and done.attempt == 2, done.error
     assert rows(output) == [str(i) for i in range(4000)] and done.rows_failed == 0
 
-
-def _repeated(manifest: str, times: int, path: Any) -> str:
-    """The manifest's images ``times`` over, numbered on: a longer job from the same files."""
-    import csv
-
-    with open(manifest, newline="", encoding="utf-8") as f:
-        uris = [row["uri"] for row in csv.DictReader(f)]
-    every = [[uri, str(n)] for n, uri in enumerate(uris * times)]
-    return write_manifest(path, ["uri", "n"], every)

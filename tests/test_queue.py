@@ -17,7 +17,7 @@ from batchinf.dispatcher import Dispatcher
 from batchinf.job import JobSpec, JobState, transition
 from batchinf.store import JobStore
 from batchinf.worker import execute
-from tests.conftest import until, write_manifest
+from tests.conftest import repeated_manifest, until, write_manifest
 from tests.models import write_solid_image
 
 
@@ -125,14 +125,17 @@ def test_cancel_mid_run_then_resume_redoes_only_missing_shards(dispatcher, store
 def test_a_killed_driver_is_requeued_and_finishes_exactly_once(dispatcher, store, image_model, many_images, tmp_path, monkeypatch):
     monkeypatch.setenv("BATCHINF_RETRY_DELAY", "1")
     output = str(tmp_path / "out")
-    job, _ = store.create(JobSpec(many_images, image_model, output, batch_size=1, shard_size=20))
+    # 3,000 rows: the model takes 300 in well under the half second between two polls.
+    long = repeated_manifest(many_images, 10, tmp_path / "long.csv")
+    job, _ = store.create(JobSpec(long, image_model, output, batch_size=1, shard_size=20))
     dispatcher.tick()
     running = until(lambda: (j := store.get(job.job_id)).runner and storage.list_names(output) and j)
     os.kill(running.runner["pid"], signal.SIGKILL)
+    assert store.get(job.job_id).rows_done < 3000  # killed mid-job
     done = _drive(dispatcher, job.job_id)
     assert done.state is JobState.SUCCEEDED and done.attempt == 2
     assert "(driver or its node lost)" in done.attempts[0]["reason"]
-    assert sorted(_output_rows(output), key=int) == [str(i) for i in range(300)]
+    assert sorted(_output_rows(output), key=int) == [str(i) for i in range(3000)]
 
 
 def test_error_budget_fails_the_job_with_the_count_in_its_record(ray_local, image_model, tmp_path):
