@@ -77,6 +77,7 @@ def s3_client() -> Any:
 
             config = Config(
                 max_pool_connections=64,
+                signature_version="s3v4",  # presigned GETs too (botocore would presign in SigV2)
                 connect_timeout=_seconds("BATCHINF_S3_CONNECT_TIMEOUT", 5.0),
                 read_timeout=_seconds("BATCHINF_S3_READ_TIMEOUT", 30.0),
                 # One retry policy, _retrying's, around each whole call (request and body):
@@ -189,6 +190,9 @@ def read_with_etag(uri: str, max_bytes: int | None = None) -> tuple[bytes, str]:
         bucket, key = split_s3(uri)
 
         def read() -> tuple[bytes, str]:
+            fast = _presigned_get(uri, bucket, key, max_bytes)
+            if fast is not None:
+                return fast
             obj = s3_client().get_object(Bucket=bucket, Key=key)
             _check_size(uri, int(obj.get("ContentLength", 0)), max_bytes, obj["Body"].close)
             data = obj["Body"].read()
@@ -204,6 +208,43 @@ def read_with_etag(uri: str, max_bytes: int | None = None) -> tuple[bytes, str]:
         _check_size(uri, os.fstat(f.fileno()).st_size, max_bytes, lambda: None)
         data = f.read()
     return data, _local_etag(data)
+
+
+def _presigned_get(uri: str, bucket: str, key: str,
+                   max_bytes: int | None) -> tuple[bytes, str] | None:
+    """A whole-object GET by a presigned URL, sent on the client's own HTTP session: the same
+    endpoint, credentials, TLS, proxies, timeouts and connection pool as ``get_object``, at
+    under two thirds of its client CPU (no parameter validation, serializer, response parser
+    or event hooks; docs/performance.md). Images are most of a job's GETs, and that CPU is
+    taken from the model. ``None`` for anything but a 200, or a client without the session:
+    ``get_object`` then asks again, and its answer or error is the one that counts."""
+    from botocore.awsrequest import AWSRequest
+    from botocore.exceptions import IncompleteReadError
+
+    client = s3_client()
+    session = getattr(getattr(client, "_endpoint", None), "http_session", None)
+    if session is None or os.environ.get("BATCHINF_S3_PRESIGNED_GET") == "0":
+        return None
+    url = client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
+                                        ExpiresIn=900)
+    request = AWSRequest(method="GET", url=url).prepare()
+    request.stream_output = True  # the size is checked before the body is read
+    raw = session.send(request).raw
+    read_whole = False
+    try:
+        if raw.status != 200:
+            return None
+        size = int(raw.headers.get("content-length", -1))
+        _check_size(uri, size, max_bytes, lambda: None)
+        data = raw.read()
+        read_whole = True
+        if size >= 0 and len(data) != size:
+            raise IncompleteReadError(actual_bytes=len(data), expected_bytes=size)
+        return data, str(raw.headers.get("etag", ""))
+    finally:
+        if not read_whole:  # an unread body: the connection cannot carry another request
+            raw.close()
+        raw.release_conn()
 
 
 def _check_size(uri: str, size: int, max_bytes: int | None, close: Any) -> None:

@@ -176,14 +176,18 @@ def _handler(proxy: FaultProxy) -> type[BaseHTTPRequestHandler]:
             """The upstream's answer; with ``remember``, a whole GET's answer is kept and given
             again (writes go on to the upstream, so nothing read back is stale there)."""
             memory = proxy.remembered
-            whole_get = self.command == "GET" and "Range" not in self.headers and "?" not in self.path
-            if not (whole_get and self.path.startswith(proxy.remember or ("\0",))):
+            path, _, query = self.path.partition("?")
+            # A whole object: no operation in the query (a presigned URL carries only its
+            # signature's X-Amz-* fields there) and no Range.
+            signature_only = all(field.startswith("X-Amz-") for field in query.split("&") if field)
+            whole_get = self.command == "GET" and "Range" not in self.headers and signature_only
+            if not (whole_get and path.startswith(proxy.remember or ("\0",))):
                 return self._forward(body)
-            kept = memory.get(self.path)
+            kept = memory.get(path)
             if kept is None:
                 kept = self._forward(body)
                 if kept[0] == 200:
-                    memory[self.path] = kept
+                    memory[path] = kept
             return kept
 
         def _forward(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:

@@ -14,7 +14,7 @@ import pytest
 
 from batchinf import manifest, storage
 from batchinf.decode import RowProblem, fetch
-from batchinf.errors import PreconditionFailed
+from batchinf.errors import NotFoundError, PreconditionFailed, TooLarge
 from batchinf.job import JobSpec, JobState
 from batchinf.store import JobStore
 from bench.faultproxy import FAULTS, FaultProxy
@@ -51,6 +51,22 @@ def test_reads_ride_through_every_transient_fault(bucket, through):
     assert storage.list_names(f"s3://{bucket}/o") == sorted(f"{i}.bin" for i in range(80))
     assert storage.exists(f"s3://{bucket}/o/3.bin") and not storage.exists(f"s3://{bucket}/o/x")
     assert all(proxy.counts[fault] > 0 for fault in FAULTS), proxy.counts
+
+
+def test_a_whole_object_read_is_one_presigned_get_that_agrees_with_get_object(bucket, through):
+    uri, data = f"s3://{bucket}/img/a.bin", os.urandom(5000)
+    etag = storage.write_bytes(uri, data)
+    proxy = through(remember=(f"/{bucket}/img/",))
+    assert storage._presigned_get(uri, bucket, "img/a.bin", None) == (data, etag)
+    assert list(proxy.remembered) == [f"/{bucket}/img/a.bin"]  # signed in its query, no Range
+    assert storage.s3_client().get_object(Bucket=bucket, Key="img/a.bin")["ETag"] == etag
+    with pytest.raises(TooLarge):  # from Content-Length, before the body
+        storage._presigned_get(uri, bucket, "img/a.bin", 4999)
+    # Anything but a 200 is get_object's to answer: its error is the one raised.
+    assert storage._presigned_get(f"s3://{bucket}/img/none", bucket, "img/none", None) is None
+    with pytest.raises(NotFoundError):
+        storage.read_bytes(f"s3://{bucket}/img/none")
+    assert storage.read_with_etag(uri) == (data, etag)
 
 
 def test_a_conditional_write_whose_reply_was_lost_is_no_conflict_and_no_second_write(bucket, through):
