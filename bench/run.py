@@ -226,21 +226,30 @@ def moto_bucket_30ms_away(ctx: BenchContext) -> Iterator[dict[str, str]]:
         for uri in keys[200:]:  # the rest into the proxy's memory too
             storage.read_bytes(uri)
         wall = (time.monotonic() - started) / len(keys)
+        again = _client_cpu_per_get(keys[:200])  # from the proxy's memory, as the job reads
         os.environ["BATCHINF_S3_PRESIGNED_GET"] = "0"
-        try:  # the same objects again, now from memory, by get_object
-            thread0 = time.thread_time()
-            for uri in keys[:200]:
-                storage.read_bytes(uri)
-            by_get_object = (time.thread_time() - thread0) / min(200, len(keys))
+        try:
+            by_get_object = _client_cpu_per_get(keys[:200])
         finally:
             del os.environ["BATCHINF_S3_PRESIGNED_GET"]
-        NOTES["s3_30ms"] = {"client_cpu_ms_per_get": round(client * 1000, 3),
+        NOTES["s3_30ms"] = {"client_cpu_ms_per_get": round(again * 1000, 3),
                             "client_cpu_ms_per_get_object": round(by_get_object * 1000, 3),
+                            "client_cpu_ms_per_get_first": round(client * 1000, 3),
                             "proxy_cpu_ms_per_get_first": round(server * 1000, 3),
                             "wall_ms_per_get_sequential": round(wall * 1000, 1)}
         print(f"30 ms away: {NOTES['s3_30ms']}", flush=True)
         yield {**env, "AWS_ENDPOINT_URL": proxy.endpoint}
         NOTES["s3_30ms"]["requests"] = proxy.counts["requests"]
+
+
+def _client_cpu_per_get(uris: list[str]) -> float:
+    """This thread's CPU seconds per ``storage.read_bytes`` of one of ``uris``."""
+    from batchinf import storage
+
+    started = time.thread_time()
+    for uri in uris:
+        storage.read_bytes(uri)
+    return (time.thread_time() - started) / max(1, len(uris))
 
 
 PIPELINES: dict[str, Pipeline] = {

@@ -46,7 +46,8 @@ print(json.dumps([{"name": a.name, "node_id": a.node_id, "pid": a.pid, "state": 
 
 
 @pytest.fixture(scope="module")
-def cluster() -> Iterator[LocalCluster]:
+def cluster(s3_endpoint: str) -> Iterator[LocalCluster]:
+    """Started after the S3 server, so its nodes get its endpoint, as they would MinIO's."""
     with LocalCluster(env=KNOBS) as c:
         c.start_head(num_cpus=0)
         c.add_nodes((1, None), (1, {"gpu_node": 1}))
@@ -180,6 +181,39 @@ def test_an_infeasible_demand_fails_fast_naming_it(
     assert done.state is JobState.FAILED and done.error["type"] == "Infeasible"
     assert "'GPU': 1.0" in done.error["message"] and done.attempt == 1  # not retried
     assert time.monotonic() - started < 60
+
+
+def test_a_job_on_s3_is_read_and_written_from_the_worker_nodes(
+    store: JobStore, image_model: str, images: str, bucket: str
+) -> None:
+    """Everything on S3: the manifest, the model, 60 images and the output. The head has no
+    CPUs, so every GET of an image is a decode task's on a worker node."""
+    import csv
+    import io
+
+    from batchinf import storage
+    from tests.models import expected_topk
+
+    with open(images, newline="", encoding="utf-8") as f:
+        local = [row["uri"] for row in csv.DictReader(f)][:60]
+    rows = []
+    for i, path in enumerate(local):
+        with open(path, "rb") as image:
+            storage.write_bytes(f"s3://{bucket}/img/{i}.png", image.read())
+        rows.append(f"s3://{bucket}/img/{i}.png,{i}\n")
+    storage.write_bytes(f"s3://{bucket}/m.csv", ("uri,n\n" + "".join(rows)).encode())
+    storage.upload_folder(image_model, f"s3://{bucket}/models/colour")
+    output = f"s3://{bucket}/out"
+    job, _ = store.create(JobSpec(f"s3://{bucket}/m.csv", f"s3://{bucket}/models/colour", output,
+                                  replicas_min=2, replicas_max=2, batch_size=8, shard_size=25))
+    done = finished(store, job)
+    assert done.state is JobState.SUCCEEDED and done.rows_failed == 0, done.error
+    parts = [n for n in storage.list_names(output) if n.endswith(".parquet")]
+    got = [row for part in sorted(parts) for row in pq.read_table(
+        io.BytesIO(storage.read_bytes(f"{output}/{part}"))).to_pylist()]
+    assert [row["n"] for row in got] == [str(i) for i in range(60)]
+    assert all(row["predictions"][0]["label"] == expected_topk((i % 256, 90, 30), 1)[0][0]
+               for i, row in enumerate(got))
 
 
 def test_a_replica_that_cannot_be_placed_shows_why_and_the_job_goes_on(
