@@ -330,10 +330,10 @@ PIPELINES: dict[str, Pipeline] = {
             setup=moto_bucket_30ms_away,
         ),
         Pipeline(
-            "batchinf-s3-30ms-getobject",
+            "batchinf-getobject-s3-30ms",
             "batchinf-s3-30ms with every image read by boto3's get_object, not a presigned GET "
             "(BATCHINF_S3_PRESIGNED_GET=0)",
-            _batchinf("batchinf-s3-30ms-getobject", s3=True),
+            _batchinf("batchinf-getobject-s3-30ms", s3=True),
             setup=_then_env(moto_bucket_30ms_away, {"BATCHINF_S3_PRESIGNED_GET": "0"}),
         ),
         Pipeline(
