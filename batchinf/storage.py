@@ -194,13 +194,7 @@ def read_with_etag(uri: str, max_bytes: int | None = None) -> tuple[bytes, str]:
             if fast is not None:
                 return fast
             obj = s3_client().get_object(Bucket=bucket, Key=key)
-            _check_size(uri, int(obj.get("ContentLength", 0)), max_bytes, obj["Body"].close)
-            data = obj["Body"].read()
-            if len(data) != int(obj.get("ContentLength", len(data))):
-                from botocore.exceptions import IncompleteReadError
-
-                raise IncompleteReadError(actual_bytes=len(data),
-                                          expected_bytes=obj["ContentLength"])
+            data = _whole_body(uri, obj.get("ContentLength"), max_bytes, obj["Body"])
             return data, str(obj["ETag"])
 
         return _retrying(uri, read)
@@ -219,32 +213,40 @@ def _presigned_get(uri: str, bucket: str, key: str,
     taken from the model. ``None`` for anything but a 200, or a client without the session:
     ``get_object`` then asks again, and its answer or error is the one that counts."""
     from botocore.awsrequest import AWSRequest
-    from botocore.exceptions import IncompleteReadError
 
+    if os.environ.get("BATCHINF_S3_PRESIGNED_GET") == "0":
+        return None
     client = s3_client()
     session = getattr(getattr(client, "_endpoint", None), "http_session", None)
-    if session is None or os.environ.get("BATCHINF_S3_PRESIGNED_GET") == "0":
+    if session is None:
         return None
     url = client.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": key},
                                         ExpiresIn=900)
     request = AWSRequest(method="GET", url=url).prepare()
     request.stream_output = True  # the size is checked before the body is read
     raw = session.send(request).raw
-    read_whole = False
     try:
         if raw.status != 200:
+            raw.close()  # an unread body: the connection cannot carry another request
             return None
-        size = int(raw.headers.get("content-length", -1))
-        _check_size(uri, size, max_bytes, lambda: None)
-        data = raw.read()
-        read_whole = True
-        if size >= 0 and len(data) != size:
-            raise IncompleteReadError(actual_bytes=len(data), expected_bytes=size)
+        data = _whole_body(uri, raw.headers.get("content-length"), max_bytes, raw)
         return data, str(raw.headers.get("etag", ""))
     finally:
-        if not read_whole:  # an unread body: the connection cannot carry another request
-            raw.close()
         raw.release_conn()
+
+
+def _whole_body(uri: str, length: Any, max_bytes: int | None, body: Any) -> bytes:
+    """All of a response's ``body`` (``read()``, ``close()``): refused from its Content-Length
+    before it is read if over ``max_bytes``; ``IncompleteReadError`` if it came cut short."""
+    from botocore.exceptions import IncompleteReadError
+
+    size = None if length is None else int(length)
+    if size is not None:
+        _check_size(uri, size, max_bytes, body.close)
+    data = body.read()
+    if size is not None and len(data) != size:
+        raise IncompleteReadError(actual_bytes=len(data), expected_bytes=size)
+    return data
 
 
 def _check_size(uri: str, size: int, max_bytes: int | None, close: Any) -> None:
