@@ -86,6 +86,8 @@ class Node:
     node_id: str = ""
     raylet_pid: int = 0
     killed: bool = False
+    node_ip: str = ""  # empty: the address Ray picks; set for a node in its own netns
+    netns: str = ""  # a network namespace (``ip netns``) the node runs in, cut off by its link
     startup: subprocess.Popen[str] | None = field(default=None, repr=False)
 
     @property
@@ -158,8 +160,12 @@ class LocalCluster:
         token_auth: bool = True,
         object_store_mb: int = 128,
         env: dict[str, str] | None = None,
+        node_ip: str = "",
     ) -> None:
+        """``node_ip``: the address of the head and of every node not given its own, for a
+        cluster that nodes in network namespaces join (``add_node_in``)."""
         self.token = os.urandom(32).hex() if token_auth else ""
+        self.node_ip = node_ip
         self.object_store_mb = object_store_mb
         self.extra_env = dict(env or {})
         self.nodes: list[Node] = []
@@ -185,7 +191,7 @@ class LocalCluster:
     @property
     def gcs_address(self) -> str:
         """``127.0.0.1:<port>``, for ``ray.init(address=...)`` and ``ray start --address``."""
-        return f"127.0.0.1:{self.head.ports['port']}"
+        return f"{self.node_ip or '127.0.0.1'}:{self.head.ports['port']}"
 
     @property
     def jobs_address(self) -> str:
@@ -248,6 +254,20 @@ class LocalCluster:
         for node in nodes:
             self._finish(node)
         return nodes
+
+    def add_node_in(
+        self, netns: str, node_ip: str, num_cpus: float = 1, resources: dict[str, float] | None = None
+    ) -> Node:
+        """A worker node inside network namespace ``netns`` at ``node_ip`` (the caller makes
+        both, with a route to the cluster's ``node_ip``): cutting its link loses it as a
+        network partition would, while its processes live on."""
+        if not self.node_ip:
+            raise RuntimeError("a node in a network namespace needs LocalCluster(node_ip=...)")
+        node = self._new_node(num_cpus, resources, head=False)
+        node.netns, node.node_ip = netns, node_ip
+        self._launch(node)
+        self._finish(node)
+        return node
 
     def kill(self, node: Node) -> None:
         """Lose ``node`` as a machine would: SIGKILL its raylet first, then all its processes."""
@@ -327,6 +347,10 @@ class LocalCluster:
         ]
         if node.head:
             command.append("--include-dashboard=true")
+        if node.node_ip or self.node_ip:
+            command.append(f"--node-ip-address={node.node_ip or self.node_ip}")
+        if node.netns:
+            command = ["ip", "netns", "exec", node.netns, *command]
         return command
 
     def _node_env(self) -> dict[str, str]:
