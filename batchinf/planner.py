@@ -23,6 +23,9 @@ Rules, in order:
    first; if those nodes can take all of it, decode is kept off the GPU nodes.
 5. The sizes come from what is free to this job now; if not even ``replicas_min`` fit beside
    the jobs already running, the plan says so (``replicas_now == 0``) and the job waits.
+6. A running job that lost nodes is planned again (``replan``) on what is alive: its replicas
+   keep their size (and so their TensorFlow threads), as many as fit go on, one at least, and
+   decode takes what is left; the rest wait for room, as ``MIN:MAX`` replicas do.
 """
 
 from __future__ import annotations
@@ -134,10 +137,7 @@ def plan(
 ) -> Plan:
     """Plan ``spec`` on ``nodes`` (live) given what is free now; see the module docstring."""
     needs = special_needs(spec)
-    wanted_decode = spec.decode_cpus or (
-        DECODE_CPUS_PER_GPU * spec.gpus_per_replica * spec.replicas_max
-        if spec.gpus_per_replica else DECODE_CPUS_BESIDE_CPU_REPLICAS
-    )
+    wanted_decode = _wanted_decode(spec)
     _check_feasible(nodes, needs, node_types)
     for count in (spec.replicas_max, spec.replicas_min):  # all of them, else at least MIN
         found = _fit(nodes, spec, needs, count, wanted_decode, free=True)
@@ -162,6 +162,39 @@ def plan(
     return dataclasses.replace(
         result, waiting=f"{reason}: {spec.replicas_min} replica(s) need {demand} each, "
         f"with {result.decode_cpus * result.decode_tasks:g} CPU of decode beside them",
+    )
+
+
+def replan(
+    nodes: Sequence[NodeView],
+    spec: JobSpec,
+    replica: dict[str, float],
+    node_types: Sequence[dict[str, float]] = (),
+) -> Plan:
+    """Plan a running job again on ``nodes`` (what is alive and free) after it lost some.
+
+    Replicas keep the size ``replica`` they had, so a survivor's share of a node does not
+    shrink to make room for replicas that add nothing on the same cores: as many as fit go on
+    (``replicas_max`` down to one), the others wait for room as ``MIN:MAX`` replicas do. Only
+    when not even one fits at that size is the job planned afresh with ``replicas_min`` 1;
+    ``node_types`` should then include the shapes of the lost nodes, which may come back.
+    """
+    wanted_decode = _wanted_decode(spec)
+    roomiest = max((n.cpus() for n in nodes), default=0.0)
+    floor = min(wanted_decode, roomiest / 2)
+    if floor >= MIN_SHARE:
+        for count in range(spec.replicas_max, 0, -1):
+            found = _pack(nodes, dict(replica), count, wanted_decode, floor, free=True)
+            if found is not None:
+                return _finish(found, spec, count)
+    return plan(nodes, dataclasses.replace(spec, replicas_min=1), node_types)
+
+
+def _wanted_decode(spec: JobSpec) -> float:
+    """Decode CPUs the job asks for, or the default beside its kind of replica."""
+    return spec.decode_cpus or (
+        DECODE_CPUS_PER_GPU * spec.gpus_per_replica * spec.replicas_max
+        if spec.gpus_per_replica else DECODE_CPUS_BESIDE_CPU_REPLICAS
     )
 
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from batchinf.job import JobSpec
-from batchinf.planner import DECODE_CPUS_PER_GPU, Infeasible, NodeView, Plan, model_streams, plan
+from batchinf.planner import (
+    DECODE_CPUS_PER_GPU,
+    Infeasible,
+    NodeView,
+    Plan,
+    model_streams,
+    plan,
+    replan,
+)
 
 
 def spec(**kw: object) -> JobSpec:
@@ -171,3 +179,24 @@ def test_more_minimum_replicas_than_the_nodes_can_ever_hold_is_infeasible() -> N
     with pytest.raises(Infeasible, match="3 replica"):
         plan(nodes({"CPU": 0}, {"CPU": 8, "GPU": 1}), spec(replicas_min=3, replicas_max=3,
                                                            gpus_per_replica=1.0))
+
+
+def test_a_replan_after_a_lost_node_keeps_the_replica_size_and_runs_fewer() -> None:
+    """Head 1 CPU + worker 1 CPU planned 2 x 0.5; the worker is lost: one replica goes on."""
+    p = replan(nodes({"CPU": 1}), spec(replicas_min=2, replicas_max=2), {"CPU": 0.5})
+    assert (p.replicas_now, p.replica, p.decode_cpus, p.decode_tasks) == (1, {"CPU": 0.5}, 0.5, 1)
+    assert p.waiting == "waiting for 1 of 2 replicas: needs {'CPU': 0.5}"
+
+
+def test_a_replan_on_a_node_too_small_for_the_old_size_plans_afresh_on_it() -> None:
+    views = nodes({"CPU": 1})
+    p = replan(views, spec(replicas_min=3, replicas_max=3), {"CPU": 1.5})
+    assert p.replicas_now == 3 and p.replica_cpus < 1.5 and fits(p, views)
+
+
+def test_a_replan_without_the_pinned_node_type_waits_for_it_instead_of_failing() -> None:
+    pinned = spec(replica_resources={"gpu_node": 1.0})
+    gone = {"CPU": 1.0, "gpu_node": 1.0}
+    p = replan(nodes({"CPU": 0}, {"CPU": 1}), pinned, gone, node_types=[gone])
+    assert p.replicas_now == 0 and p.replica == gone and "need {'CPU': 1.0, 'gpu_node': 1.0}" in (
+        p.waiting or "")
