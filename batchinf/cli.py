@@ -356,8 +356,12 @@ def _waiting_line(job: Any) -> str | None:
     import time
 
     if job.state.value == "QUEUED":
-        if job.retry_at and job.retry_at > time.time():
-            return f"queued: attempt {job.attempt + 1} starts in {job.retry_at - time.time():.0f} s"
+        wait_s = (job.retry_at or 0) - time.time()
+        if job.launch_error:
+            when = f"retry in {wait_s:.0f} s" if wait_s > 0 else "retrying now"
+            return f"launch refused by the cluster: {job.launch_error}; {when}"
+        if wait_s > 0:
+            return f"queued: attempt {job.attempt + 1} starts in {wait_s:.0f} s"
         return "queued: waiting for a dispatcher and a free slot"
     return job.waiting
 
@@ -387,6 +391,8 @@ def status(job_id: JobArgument, store: StoreOption = None, as_json: JsonOption =
     waiting = _waiting_line(job)
     if waiting and not job.state.terminal:
         lines.append(f"  waiting   {waiting}")
+    if job.attempts_dropped:
+        lines.append(f"  attempts  {job.attempts_dropped} earlier ones not kept")
     for past in job.attempts:
         lines.append(f"  attempt {past['attempt']} {past['outcome']}: {past.get('reason') or 'ok'}")
     if job.cancel_requested and not job.state.terminal:
@@ -401,10 +407,14 @@ def list_jobs(
     state: Annotated[
         list[str] | None, typer.Option(help="Only jobs in this state (repeatable).")
     ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Jobs on one page.")] = 50,
+    before: Annotated[
+        str | None, typer.Option(help="Page on from this job id (the one a page ends with).")
+    ] = None,
     store: StoreOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """List jobs, oldest first."""
+    """List jobs, newest first, a page at a time (--before JOB for the next page)."""
     from batchinf.job import JobState
     from batchinf.store import JobStore
 
@@ -412,14 +422,49 @@ def list_jobs(
         states = {JobState(s.upper()) for s in state} if state else None
     except ValueError as exc:
         raise UsageError(f"--state takes one of {', '.join(s.value for s in JobState)}") from exc
-    jobs = JobStore.from_uri(store).list(states)
+    jobs, more = JobStore.from_uri(store).page(states, limit=limit, before=before)
     if as_json:
         typer.echo(json.dumps([j.to_dict() for j in jobs], indent=2))
-        return
-    typer.echo(f"{'JOB':<28}{'STATE':<11}{'PRIO':>5}{'ROWS':>16}  OUTPUT")
-    for j in jobs:
-        rows = f"{j.rows_done}/{j.rows_total if j.rows_total is not None else '?'}"
-        typer.echo(f"{j.job_id:<28}{j.state.value:<11}{j.spec.priority:>5}{rows:>16}  {j.spec.output}")
+    else:
+        typer.echo(f"{'JOB':<28}{'STATE':<11}{'PRIO':>5}{'ROWS':>16}  OUTPUT")
+        for j in jobs:
+            rows = f"{j.rows_done}/{j.rows_total if j.rows_total is not None else '?'}"
+            typer.echo(f"{j.job_id:<28}{j.state.value:<11}{j.spec.priority:>5}{rows:>16}  {j.spec.output}")
+    if more:
+        typer.echo(f"more: batchinf list --before {more}", err=True)
+
+
+@app.command()
+def prune(
+    older_than: Annotated[
+        str, typer.Option("--older-than", help="Age of finished jobs to remove: 30d, 12h, 90m.")
+    ],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Only say what would go.")] = False,
+    store: StoreOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Remove the records of finished jobs older than an age; outputs are never touched."""
+    from batchinf.store import JobStore
+
+    seconds = parse_age(older_than)
+    gone = JobStore.from_uri(store).prune(seconds, dry_run=dry_run)
+    ids = [j.job_id for j in gone]
+    verb = "would remove" if dry_run else "removed"
+    _show({"removed": ids, "dry_run": dry_run}, as_json,
+          f"{verb} {len(ids)} finished job record(s) older than {older_than}")
+
+
+def parse_age(value: str) -> float:
+    """``30d``, ``12h``, ``90m``, ``45s`` -> seconds."""
+    units = {"d": 86400.0, "h": 3600.0, "m": 60.0, "s": 1.0}
+    number, unit = value[:-1], value[-1:].lower()
+    try:
+        seconds = float(number) * units[unit]
+    except (KeyError, ValueError) as exc:
+        raise UsageError(f"--older-than takes an age such as 30d, 12h or 90m, got {value!r}") from exc
+    if seconds < 0:
+        raise UsageError(f"--older-than cannot be negative, got {value!r}")
+    return seconds
 
 
 @app.command()

@@ -10,7 +10,14 @@ Each round it
    ``max_running`` run. It claims a job (QUEUED -> RUNNING, which only one dispatcher can win)
    before submitting its Ray job with a readable submission id, ``<job_id>-a<attempt>``;
    a dispatcher that dies between the two leaves a RUNNING job with no Ray job, which the next
-   round requeues.
+   round requeues. A launch the cluster refuses (the Jobs API answers an error) puts the job
+   back in the queue with a doubling back-off and the reason in its record, and fails it after
+   ``BATCHINF_LAUNCH_REFUSALS`` refusals in a row; a submission that landed although its
+   answer was lost is found by its id and adopted.
+
+A round reads only the QUEUED and RUNNING jobs (the store's state index), and the lease is
+renewed every third of its time, so an idle dispatcher costs a few store requests a round
+however much history the store holds.
 
 The store holds all state, so a dispatcher can be restarted at any time, and a job submitted
 while no cluster runs simply waits as QUEUED. A lease in the store keeps one dispatcher active
@@ -32,12 +39,22 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchinf.errors import BatchinfError
-from batchinf.job import MAX_ATTEMPTS, Job, JobState, fail, retry_delay, retry_later, transition
+from batchinf.job import (
+    MAX_ATTEMPTS,
+    Job,
+    JobState,
+    fail,
+    refuse_launch,
+    retry_delay,
+    retry_later,
+    transition,
+)
 from batchinf.store import JobStore
 
 log = logging.getLogger("batchinf.dispatcher")
 
 CANCEL_GRACE_S = 30.0
+FINISHED_COUNT_EVERY_S = 60.0  # how often the metrics count finished jobs (listings of history)
 _SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
 _ENDED = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -72,18 +89,6 @@ def ray_auth_token() -> str | None:
     return None
 
 
-def _requeue_if(job: Job, ray_job_id: str) -> Job:
-    """Back to QUEUED if it is still this attempt's RUNNING job; otherwise unchanged.
-
-    The attempt never started, so it does not count against ``MAX_ATTEMPTS``.
-    """
-    if job.state is JobState.RUNNING and job.ray_job_id == ray_job_id:
-        requeued = transition(job, JobState.QUEUED)
-        requeued.attempt = max(0, job.attempt - 1)
-        return requeued
-    return job
-
-
 @dataclass
 class Dispatcher:
     """One store, one Ray cluster: launch, watch and requeue jobs."""
@@ -97,7 +102,10 @@ class Dispatcher:
 
     def __post_init__(self) -> None:
         self.head: Any = None
+        self.active = 0  # QUEUED and RUNNING jobs after the last round
         self._queue_gauge: Any = None
+        self._finished_counted_at = float("-inf")
+        self._lease_until = 0.0  # our lease is ours at least until then (monotonic)
         self.client: Any = jobs_client(self.address) if self.address else None
 
     def connect(self) -> None:
@@ -124,29 +132,32 @@ class Dispatcher:
             raise
 
     def tick(self) -> list[str]:
-        """One round: reconcile, enforce cancels, launch; the Ray job ids launched."""
-        everything = self.store.list()
-        self._export_queue(everything)
-        jobs = [j for j in everything if j.state in (JobState.QUEUED, JobState.RUNNING)]
-        running = [j for j in jobs if j.state is JobState.RUNNING]
-        for job in running:
-            self._reconcile(job)
-        running = [j for j in self.store.list({JobState.RUNNING})]
+        """One round: reconcile, enforce cancels, launch; the Ray job ids launched.
+
+        It reads the QUEUED and RUNNING jobs only (through the store's state index), so an idle
+        round costs the same few requests whatever the number of finished jobs.
+        """
+        active = self.store.list({JobState.QUEUED, JobState.RUNNING})
+        self._export_queue(active)
+        active = [self._reconcile(j) if j.state is JobState.RUNNING else j for j in active]
+        self.active = sum(1 for j in active if not j.state.terminal)
+        running = sum(1 for j in active if j.state is JobState.RUNNING)
         now = time.time()
         queued = sorted(
-            (j for j in self.store.list({JobState.QUEUED}) if (j.retry_at or 0) <= now),
+            (j for j in active if j.state is JobState.QUEUED and (j.retry_at or 0) <= now),
             key=lambda j: (-j.spec.priority, j.created_at),
         )
         launched = []
-        for job in queued[: max(0, self.max_running - len(running))]:
+        for job in queued[: max(0, self.max_running - running)]:
             ray_job_id = self._launch(job)
             if ray_job_id:
                 launched.append(ray_job_id)
         return launched
 
-    def _export_queue(self, jobs: list[Job]) -> None:
+    def _export_queue(self, active: list[Job]) -> None:
         """Queue depth by state, on ``metrics_port`` for Prometheus (the dispatcher is no Ray
-        driver: joining the cluster would list it on the dashboard's Jobs page)."""
+        driver: joining the cluster would list it on the dashboard's Jobs page). Finished
+        states are counted from the index's listings, at most once a minute."""
         if self.metrics_port is None:
             return
         if self._queue_gauge is None:
@@ -156,19 +167,24 @@ class Dispatcher:
             self._queue_gauge = Gauge("batchinf_jobs", "Jobs in the store, by state.",
                                       ["state"], registry=registry)
             start_http_server(self.metrics_port, addr="127.0.0.1", registry=registry)
-        for state in JobState:
+        for state in (JobState.QUEUED, JobState.RUNNING):
             self._queue_gauge.labels(state=state.value).set(
-                sum(1 for j in jobs if j.state is state)
+                sum(1 for j in active if j.state is state)
             )
+        if time.monotonic() - self._finished_counted_at >= FINISHED_COUNT_EVERY_S:
+            self._finished_counted_at = time.monotonic()
+            for state in (s for s in JobState if s.terminal):
+                self._queue_gauge.labels(state=state.value).set(len(self.store.ids_in({state})))
 
-    def _reconcile(self, job: Job) -> None:
+    def _reconcile(self, job: Job) -> Job:
+        """A RUNNING job's record set right if its Ray job has ended; the record as it is now."""
         if not job.ray_job_id or job.ray_job_id.startswith("local-"):
-            return  # run in-process by `submit --wait`; `resume` handles those
+            return job  # run in-process by `submit --wait`; `resume` handles those
         status = self.ray_status(job.ray_job_id)
         if status is not None and status not in _ENDED:
             if job.cancel_requested and time.time() - job.updated_at > CANCEL_GRACE_S:
                 self.client.stop_job(job.ray_job_id)
-            return
+            return job
         stale_id = job.ray_job_id
 
         def requeue(current: Job) -> Job:
@@ -183,18 +199,13 @@ class Dispatcher:
 
         after = self.store.update(job.job_id, requeue)
         log.warning("job %s: Ray job %s is %s; now %s", job.job_id, stale_id, status, after.state)
+        return after
 
     def _launch(self, job: Job) -> str | None:
         ray_job_id = f"{job.job_id}-a{job.attempt + 1}"
-        claimed = self.store.claim(job.job_id, ray_job_id)
+        claimed = self.store.claim(job.job_id, ray_job_id, ray_address=self.address)
         if claimed is None:
             return None  # another dispatcher or a cancel got there first
-
-        def with_address(current: Job) -> Job:
-            current.ray_address = self.address
-            return current
-
-        self.store.update(job.job_id, with_address)
         entrypoint = shlex.join(
             [self.python, "-m", "batchinf.cli", "run", job.job_id, "--run-id", ray_job_id,
              "--store", self.store.root]
@@ -206,12 +217,47 @@ class Dispatcher:
                 metadata={"batchinf_job_id": job.job_id, "attempt": str(claimed.attempt)},
                 runtime_env={"env_vars": knobs()} if knobs() else None,
             )
-        except Exception as exc:  # the cluster refused: put the job back for the next round
-            log.warning("job %s: submit failed (%s); requeued", job.job_id, exc)
-            self.store.update(job.job_id, lambda j: _requeue_if(j, ray_job_id))
-            return None
+        except Exception as exc:
+            if not self._ours_already(job.job_id, ray_job_id):
+                return self._refused(job.job_id, ray_job_id, exc)
+            log.info("job %s: Ray job %s exists already (an earlier answer was lost); adopted",
+                     job.job_id, ray_job_id)
+        if claimed.launch_refusals:
+            self.store.update(job.job_id, _launch_taken)
         log.info("job %s: launched as Ray job %s", job.job_id, ray_job_id)
         return ray_job_id
+
+    def _ours_already(self, job_id: str, ray_job_id: str) -> bool:
+        """True when the cluster holds a Ray job ``ray_job_id`` that this job's attempt submitted
+        (a submission whose answer was lost, or a refusal of an id that exists)."""
+        try:
+            info = self.client.get_job_info(ray_job_id)
+        except Exception:  # it does not exist, or the cluster does not answer either
+            return False
+        return (getattr(info, "metadata", None) or {}).get("batchinf_job_id") == job_id
+
+    def _refused(self, job_id: str, ray_job_id: str, exc: Exception) -> None:
+        """The cluster refused the launch: back off and queue again, or fail after too many."""
+        reason = _one_line(exc)
+        after = self.store.update(job_id, lambda j: refuse_launch(j, ray_job_id, reason))
+        if after.state is JobState.FAILED:
+            log.error("job %s: launch refused %d times; failed: %s", job_id,
+                      after.launch_refusals, reason)
+        else:
+            log.warning("job %s: launch refused by the cluster (%s); retry in %.0f s", job_id,
+                        reason, max(0.0, (after.retry_at or 0) - time.time()))
+        return None
+
+    def _hold_lease(self, ttl_s: float) -> bool:
+        """Hold the store's lease, renewing it once a third of its time has passed (not every
+        round: a renewal is two requests)."""
+        if time.monotonic() < self._lease_until:
+            return True
+        started = time.monotonic()
+        if not self.store.acquire_lease(self.owner, ttl_s=ttl_s, holder_gone=holder_is_gone):
+            return False
+        self._lease_until = started + ttl_s / 3
+        return True
 
     def serve(self, poll_s: float = 2.0, idle_exit_s: float | None = None) -> str:
         """Run rounds until a signal, or idle for ``idle_exit_s``; hold the store's lease.
@@ -224,12 +270,11 @@ class Dispatcher:
         reason = "error"
         try:
             while not stop.signal:
-                if self.store.acquire_lease(self.owner, ttl_s=max(30.0, 10 * poll_s),
-                                            holder_gone=holder_is_gone):
+                if self._hold_lease(ttl_s=max(30.0, 10 * poll_s)):
                     holder = None
                     self.connect()
                     self.tick()
-                    if self.store.list({JobState.QUEUED, JobState.RUNNING}):
+                    if self.active:
                         idle_since = time.monotonic()
                 else:
                     current = self.store.lease_holder()
@@ -254,6 +299,17 @@ class Dispatcher:
             self.store.release_lease(self.owner)
         log.info("dispatcher %s exits: %s", self.owner, reason)
         return reason
+
+
+def _launch_taken(job: Job) -> Job:
+    job.launch_refusals, job.launch_error = 0, None
+    return job
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception as one short line, for a record and a status line."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def knobs() -> dict[str, str]:

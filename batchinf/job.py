@@ -26,6 +26,7 @@ from typing import Any
 from batchinf.errors import IllegalTransition, JobError, UsageError
 
 MAX_ATTEMPTS = 3  # attempts the infrastructure may end before the job fails
+HISTORY_KEPT = 20  # entries of ``attempts`` a record keeps (the newest); older ones are counted
 
 
 class JobState(StrEnum):
@@ -147,7 +148,10 @@ class Job:
     ray_address: str | None = None  # Ray Jobs API address the attempt was submitted to
     waiting: str | None = None  # what the running attempt waits for (resources), if anything
     retry_at: float | None = None  # a requeued attempt is not launched before this time
-    attempts: list[dict[str, Any]] = field(default_factory=list)  # how each attempt ended
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # how the newest attempts ended
+    attempts_dropped: int = 0  # older entries of ``attempts`` no longer kept (HISTORY_KEPT)
+    launch_refusals: int = 0  # launches the cluster refused in a row (reset when one is taken)
+    launch_error: str | None = None  # why the last launch was refused
 
     @classmethod
     def new(cls, spec: JobSpec, *, job_id: str | None = None, now: float | None = None) -> Job:
@@ -204,7 +208,10 @@ def transition(
     now = time.time() if now is None else now
     changes: dict[str, Any] = {"state": new, "updated_at": now, "waiting": None}
     if job.state is JobState.RUNNING:
-        changes["attempts"] = [*job.attempts, _attempt_record(job, new, now, reason)]
+        history = [*job.attempts, _attempt_record(job, new, now, reason)]
+        dropped = max(0, len(history) - HISTORY_KEPT)
+        changes["attempts"] = history[dropped:]
+        changes["attempts_dropped"] = job.attempts_dropped + dropped
     if new is JobState.RUNNING:
         changes.update(attempt=job.attempt + 1, started_at=now, ended_at=None, retry_at=None)
     elif new.terminal:
@@ -245,6 +252,46 @@ def retry_delay(attempt: int) -> float:
     return float(min(300.0, first * 2 ** max(0, attempt - 1)))
 
 
+def launch_backoff(refusals: int) -> float:
+    """Seconds before launching again after ``refusals`` refused launches in a row: doubling
+    from ``BATCHINF_LAUNCH_BACKOFF`` (default 15 s), capped at 10 minutes."""
+    import os
+
+    first = float(os.environ.get("BATCHINF_LAUNCH_BACKOFF", "15"))
+    return float(min(600.0, first * 2 ** max(0, refusals - 1)))
+
+
+def launch_refusals_allowed() -> int:
+    """Refused launches in a row after which the job fails (``BATCHINF_LAUNCH_REFUSALS``, 5)."""
+    import os
+
+    return max(1, int(os.environ.get("BATCHINF_LAUNCH_REFUSALS", "5")))
+
+
+def refuse_launch(job: Job, run_id: str, reason: str, *, now: float | None = None) -> Job:
+    """The cluster refused to launch ``run_id``: back to QUEUED with a back-off, or FAILED once
+    ``launch_refusals_allowed()`` launches in a row were refused. The attempt never started,
+    so it does not count against ``MAX_ATTEMPTS`` and adds no history: a job refused for days
+    keeps a record of the same size. Unchanged if the job no longer runs as ``run_id``.
+    """
+    if job.state is not JobState.RUNNING or job.ray_job_id != run_id:
+        return job
+    now = time.time() if now is None else now
+    refusals = job.launch_refusals + 1
+    if refusals >= launch_refusals_allowed():
+        failed = fail(job, "LaunchRefused",
+                      f"launch refused by the cluster {refusals} times in a row: {reason}", now=now)
+        failed.attempt = max(0, job.attempt - 1)
+        failed.launch_refusals, failed.launch_error = refusals, reason
+        return failed
+    requeued = transition(job, JobState.QUEUED, now=now)
+    requeued.attempts, requeued.attempts_dropped = job.attempts, job.attempts_dropped
+    requeued.attempt = max(0, job.attempt - 1)
+    requeued.retry_at = now + launch_backoff(refusals)
+    requeued.launch_refusals, requeued.launch_error = refusals, reason
+    return requeued
+
+
 def _attempt_record(job: Job, new: JobState, now: float, reason: str | None) -> dict[str, Any]:
     outcome = "requeued" if new is JobState.QUEUED else new.value.lower()
     return {
@@ -266,7 +313,10 @@ __all__ = [
     "JobState",
     "check_transition",
     "fail",
+    "launch_backoff",
+    "launch_refusals_allowed",
     "new_job_id",
+    "refuse_launch",
     "retry_delay",
     "retry_later",
     "transition",

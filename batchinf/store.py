@@ -4,6 +4,17 @@ Layout under the root URI::
 
     <root>/jobs/<job_id>.json                  the job record (``Job.to_dict()`` as JSON)
     <root>/keys/<sha256(idempotency_key)>.json  {"idempotency_key", "job_id", "job"}
+    <root>/state/<STATE>/<job_id>               an empty entry per job, in the folder of its state
+    <root>/state.json                           written once the state index covers every record
+
+The state index keeps what a dispatcher round, ``list --state`` and a new job's output check
+cost in proportion to the jobs they ask about, not to the store's history: an idle round lists
+``state/QUEUED`` and ``state/RUNNING`` (two requests however many nights the store has seen).
+The record is the truth and the index a guide to it: an entry for a job's new state is written
+before its record changes and again after, and the old state's entry is removed after, so a job
+is always found in its own state's folder; an entry that disagrees with its record (a writer that
+died between the writes) is skipped by readers and removed by ``prune``. A store written before
+the index existed is indexed once, by the first reader that finds no ``state.json``.
 
 Records are created with ``if_none_match`` and changed by compare-and-swap (read record and
 etag, apply a change, write with ``if_match=etag``, retry on conflict), so racing dispatchers,
@@ -65,6 +76,7 @@ class JobStore:
 
     def __init__(self, root: str) -> None:
         self.root = root
+        self._indexed = False
 
     @classmethod
     def from_uri(cls, uri: str | None = None) -> JobStore:
@@ -88,6 +100,52 @@ class JobStore:
     def _key_uri(self, idempotency_key: str) -> str:
         digest = hashlib.sha256(idempotency_key.encode("utf-8")).hexdigest()
         return storage.join(self.root, "keys", f"{digest}.json")
+
+    def _state_uri(self, state: JobState | str, job_id: str) -> str:
+        return storage.join(self.root, "state", JobState(state).value, job_id)
+
+    # -- the state index -----------------------------------------------------------------------
+
+    def _index(self, job_id: str, state: JobState) -> None:
+        storage.write_bytes(self._state_uri(state, job_id), b"")
+
+    def _unindex(self, job_id: str, state: JobState) -> None:
+        storage.delete(self._state_uri(state, job_id))
+
+    def _ensure_index(self) -> None:
+        """Index a store written before the state index existed: once, then a marker says so."""
+        if self._indexed:
+            return
+        marker = storage.join(self.root, "state.json")
+        if not storage.exists(marker):
+            for job in self._read_many(self._all_ids()):
+                self._index(job.job_id, job.state)
+            storage.write_bytes(marker, _encode({"version": 1}))
+        self._indexed = True
+
+    def _all_ids(self) -> builtins.list[str]:
+        names = storage.list_names(storage.join(self.root, "jobs"))
+        ids = [n.removesuffix(".json") for n in names if n.endswith(".json")]
+        return [i for i in ids if _JOB_ID.match(i)]
+
+    def ids_in(self, states: Iterable[JobState | str]) -> builtins.list[str]:
+        """Ids of the jobs the index files under ``states`` (one listing per state), sorted.
+
+        An id may be stale (its record moved on): read the records to be sure.
+        """
+        self._ensure_index()
+        found: set[str] = set()
+        for state in {JobState(s) for s in states}:
+            names = storage.list_names(storage.join(self.root, "state", state.value))
+            found.update(n for n in names if _JOB_ID.match(n))
+        return sorted(found)
+
+    def _read_many(self, ids: Iterable[str]) -> builtins.list[Job]:
+        ids = builtins.list(ids)
+        if len(ids) <= 1:
+            return [job for job in map(self._get_or_none, ids) if job is not None]
+        with ThreadPoolExecutor(max_workers=min(16, len(ids))) as pool:  # S3 reads wait on latency
+            return [job for job in pool.map(self._get_or_none, ids) if job is not None]
 
     # -- create and read -----------------------------------------------------------------------
 
@@ -114,7 +172,7 @@ class JobStore:
         return job, created
 
     def _check_output_free(self, spec: JobSpec) -> None:
-        """Refuse a new job whose output a QUEUED or RUNNING job will write."""
+        """Refuse a new job whose output a QUEUED or RUNNING job will write (reads only those)."""
         wanted = spec.output.rstrip("/")
         for job in self.list({JobState.QUEUED, JobState.RUNNING}):
             if job.spec.output.rstrip("/") == wanted:
@@ -138,8 +196,9 @@ class JobStore:
         return Job.from_dict(record), False
 
     def _write_new(self, job: Job) -> bool:
-        """Write a job's first record; False if a record with its id exists."""
+        """Write a job's first record (and its index entry); False if a record with its id exists."""
         uri = self._job_uri(job.job_id)
+        self._index(job.job_id, job.state)
         try:
             storage.write_bytes(uri, _encode(job.to_dict()), if_none_match=True)
         except PreconditionFailed:
@@ -159,15 +218,35 @@ class JobStore:
         return self._read(job_id)[0]
 
     def list(self, states: Iterable[JobState | str] | None = None) -> builtins.list[Job]:
-        """Every job (or those in ``states``), oldest first."""
+        """Every job (or those in ``states``, read through the state index), oldest first."""
+        if states is None:
+            found = self._read_many(self._all_ids())
+        else:
+            wanted = {JobState(s) for s in states}
+            found = [j for j in self._read_many(self.ids_in(wanted)) if j.state in wanted]
+        return sorted(found, key=lambda j: (j.created_at, j.job_id))
+
+    def page(
+        self,
+        states: Iterable[JobState | str] | None = None,
+        *,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> tuple[builtins.list[Job], str | None]:
+        """Up to ``limit`` jobs (in ``states``), newest first, older than job ``before`` if
+        given; and the id to pass as ``before`` for the next page (None on the last page).
+
+        Ids sort by creation time, so a page reads only its own records (plus listings).
+        """
         wanted = None if states is None else {JobState(s) for s in states}
-        names = storage.list_names(storage.join(self.root, "jobs"))
-        ids = [n.removesuffix(".json") for n in names if n.endswith(".json")]
-        ids = [i for i in ids if _JOB_ID.match(i)]
-        with ThreadPoolExecutor(max_workers=16) as pool:  # S3 reads are latency-bound
-            found = [job for job in pool.map(self._get_or_none, ids) if job is not None]
-        jobs = [j for j in found if wanted is None or j.state in wanted]
-        return sorted(jobs, key=lambda j: (j.created_at, j.job_id))
+        ids = self._all_ids() if wanted is None else self.ids_in(wanted)
+        ids = [i for i in reversed(ids) if before is None or i < before]
+        jobs: builtins.list[Job] = []
+        while ids and len(jobs) < limit:
+            chunk, ids = ids[: limit - len(jobs)], ids[limit - len(jobs) :]
+            read = {j.job_id: j for j in self._read_many(chunk)}
+            jobs += [read[i] for i in chunk if i in read and (wanted is None or read[i].state in wanted)]
+        return jobs, (jobs[-1].job_id if jobs and ids else None)
 
     def _get_or_none(self, job_id: str) -> Job | None:
         try:
@@ -197,17 +276,25 @@ class JobStore:
             if new.state.value != before["state"]:
                 check_transition(JobState(before["state"]), new.state)
             after["updated_at"] = max(new.updated_at, time.time())
+            moved = new.state is not current.state
+            if moved:  # found in its new state's folder whatever happens next (module docstring)
+                self._index(job_id, new.state)
             try:
                 storage.write_bytes(self._job_uri(job_id), _encode(after), if_match=etag)
-                return Job.from_dict(after)
             except NotFoundError as exc:
                 raise JobNotFound(f"no such job: {job_id}") from exc
             except PreconditionFailed:  # somebody else wrote first: re-read and re-apply
                 time.sleep(random.uniform(0, min(0.05, 0.001 * 2**attempt)))
+                continue
+            if moved:
+                self._index(job_id, new.state)  # again, in case a reader removed it meanwhile
+                self._unindex(job_id, current.state)
+            return Job.from_dict(after)
         raise JobError(f"gave up changing job {job_id} after {CAS_TRIES} conflicting writes")
 
-    def claim(self, job_id: str, ray_job_id: str) -> Job | None:
-        """Move a QUEUED job to RUNNING for ``ray_job_id``; None if it is not claimable.
+    def claim(self, job_id: str, ray_job_id: str, *, ray_address: str | None = None) -> Job | None:
+        """Move a QUEUED job to RUNNING for ``ray_job_id`` (to be submitted to the Jobs API at
+        ``ray_address``, if given); None if it is not claimable.
 
         Of several racing claims exactly one gets the job. A QUEUED job whose cancel was
         requested (a requeued run) is moved to CANCELLED instead, and None returned.
@@ -218,6 +305,8 @@ class JobStore:
                 return transition(job, JobState.CANCELLED)
             running = transition(job, JobState.RUNNING)
             running.ray_job_id = ray_job_id
+            if ray_address is not None:
+                running.ray_address = ray_address
             return running
 
         try:
@@ -276,6 +365,50 @@ class JobStore:
             return job
 
         return self.update(job_id, change)
+
+    # -- history ---------------------------------------------------------------------------------
+
+    def prune(self, older_than_s: float, *, dry_run: bool = False,
+              now: float | None = None) -> builtins.list[Job]:
+        """Remove finished jobs that ended more than ``older_than_s`` ago; the jobs removed.
+
+        Only records go (with their idempotency key and index entry): outputs are never
+        touched. Index entries whose record is gone or in another state are removed too.
+        """
+        cutoff = (time.time() if now is None else now) - older_than_s
+        finished = {s for s in JobState if s.terminal}
+        old = [j for j in self.list(finished) if (j.ended_at or j.updated_at) < cutoff]
+        if dry_run:
+            return old
+        for job in old:
+            key = job.spec.idempotency_key
+            if key is not None and self._key_names(key, job.job_id):
+                storage.delete(self._key_uri(key))
+            storage.delete(self._job_uri(job.job_id))
+            self._unindex(job.job_id, job.state)
+        self._sweep_index()
+        return old
+
+    def _key_names(self, idempotency_key: str, job_id: str) -> bool:
+        try:
+            entry = _decode(storage.read_bytes(self._key_uri(idempotency_key)), idempotency_key)
+        except NotFoundError:
+            return False
+        return entry.get("job_id") == job_id
+
+    def _sweep_index(self) -> None:
+        """Remove index entries that disagree with their records (a writer died between writes).
+
+        A writer that moves a job indexes the new state again after its record changed, so an
+        entry removed here while its writer was between the two writes comes back.
+        """
+        for state in JobState:
+            folder = storage.join(self.root, "state", state.value)
+            ids = [n for n in storage.list_names(folder) if _JOB_ID.match(n)]
+            current = {j.job_id: j.state for j in self._read_many(ids)}
+            for job_id in ids:
+                if current.get(job_id) is not state:
+                    self._unindex(job_id, state)
 
     # -- the dispatcher's lease ----------------------------------------------------------------
 

@@ -23,51 +23,69 @@ from batchinf.progress import Progress
 from batchinf.store import JobStore
 
 RECORD_EVERY_S = 2.0
+STALLED_AFTER_S = 10.0  # no row done for this long: the record's speed says 0 (and no ETA)
 
 
 class _RecordKeeper:
-    """Writes progress to the record at most every ``RECORD_EVERY_S``; remembers cancels."""
+    """Writes the newest progress to the record at most every ``RECORD_EVERY_S`` (and at once
+    when what the job waits for changes); remembers cancels.
+
+    Both the pipeline's progress callback and its cancel check write, and both write the
+    newest progress it handed over: a follower (``status``, ``wait``, a script) sees rows within
+    about ``RECORD_EVERY_S``. While no row moves for ``STALLED_AFTER_S``, the record's speed is
+    0, so nobody is shown an ETA the job is not keeping.
+    """
 
     def __init__(self, store: JobStore, job: Job, on_progress: Callable[[Progress], None] | None):
         self._store = store
         self._job = job
         self._on_progress = on_progress
         self._last = 0.0
+        self._latest: Progress | None = None
+        self._rows_seen = job.rows_done
+        self._moved_at = time.monotonic()
         self._waiting: str | None = None
         self.cancel_requested = job.cancel_requested
 
     def progress(self, progress: Progress) -> None:
         if self._on_progress is not None:
             self._on_progress(progress)
+        self._latest = progress
         changed = progress.waiting != self._waiting or (
             progress.rows_total is not None and self._job.rows_total is None
         )
-        if changed or time.monotonic() - self._last >= RECORD_EVERY_S:
-            self._waiting = progress.waiting
-            self._write(
-                progress.rows_done, progress.rows_failed, progress.rows_total,
-                progress.images_per_s, progress.waiting,
-            )
+        if changed or self._due():
+            self._write()
 
     def should_stop(self) -> bool:
-        if time.monotonic() - self._last >= RECORD_EVERY_S:
-            job = self._job
-            self._write(job.rows_done, job.rows_failed, job.rows_total, None, self._waiting)
+        if self._due():
+            self._write()
         return self.cancel_requested
 
-    def _write(
-        self, done: int, failed: int, total: int | None, rate: float | None, waiting: str | None
-    ) -> None:
-        self._last = time.monotonic()
+    def _due(self) -> bool:
+        return time.monotonic() - self._last >= RECORD_EVERY_S
+
+    def _write(self) -> None:
+        now = time.monotonic()
+        self._last = now
+        latest, job = self._latest, self._job
+        if latest is None:  # nothing handed over yet: keep what the record says
+            done, failed, total, rate = job.rows_done, job.rows_failed, job.rows_total, None
+        else:
+            done, failed, total = latest.rows_done, latest.rows_failed, latest.rows_total
+            if done != self._rows_seen:
+                self._rows_seen, self._moved_at = done, now
+            rate = latest.images_per_s if now - self._moved_at < STALLED_AFTER_S else 0.0
+            self._waiting = latest.waiting
         self._job = self._store.record_progress(
-            self._job.job_id,
+            job.job_id,
             done,
             failed,
             total,
-            ray_job_id=self._job.ray_job_id,
+            ray_job_id=job.ray_job_id,
             images_per_s=rate,
             runner=this_runner(),
-            waiting=waiting,
+            waiting=self._waiting,
         )
         self.cancel_requested = self._job.cancel_requested
 

@@ -10,6 +10,7 @@ import pytest
 
 from batchinf.errors import IllegalTransition
 from batchinf.job import (
+    HISTORY_KEPT,
     TRANSITIONS,
     Job,
     JobSpec,
@@ -17,6 +18,7 @@ from batchinf.job import (
     check_transition,
     fail,
     new_job_id,
+    refuse_launch,
     retry_later,
     transition,
 )
@@ -32,9 +34,10 @@ def make_job(**spec: Any) -> Job:
 def test_stored_keys_are_pinned_so_old_records_stay_readable() -> None:
     data = make_job().to_dict()
     assert sorted(data) == [
-        "attempt", "attempts", "cancel_requested", "created_at", "ended_at", "error", "images_per_s",
-        "job_id", "ray_address", "ray_job_id", "retry_at", "rows_done", "rows_failed", "rows_total",
-        "runner", "spec", "started_at", "state", "summary", "updated_at", "waiting",
+        "attempt", "attempts", "attempts_dropped", "cancel_requested", "created_at", "ended_at",
+        "error", "images_per_s", "job_id", "launch_error", "launch_refusals", "ray_address",
+        "ray_job_id", "retry_at", "rows_done", "rows_failed", "rows_total", "runner", "spec",
+        "started_at", "state", "summary", "updated_at", "waiting",
     ]  # fmt: skip
     assert sorted(data["spec"]) == [
         "allowed_buckets", "batch_size", "cpus_per_replica", "decode_cpus", "gpus_per_replica",
@@ -137,3 +140,38 @@ def test_new_job_id_is_readable_utc_and_sortable() -> None:
     job_id = new_job_id(1795296600.0)  # 2026-11-21 21:30:00 UTC
     assert re.fullmatch(r"bi-20261121-213000-[0-9a-f]{6}", job_id)
     assert new_job_id(1795296600.0) < new_job_id(1795296601.0)
+
+
+def test_a_refused_launch_backs_off_doubling_without_history_then_fails(monkeypatch) -> None:
+    monkeypatch.setenv("BATCHINF_LAUNCH_BACKOFF", "15")
+    monkeypatch.delenv("BATCHINF_LAUNCH_REFUSALS", raising=False)
+    job, delays = make_job(), []
+    for n in range(1, 5):
+        running = transition(job, JobState.RUNNING, now=2000.0)
+        running.ray_job_id = f"{job.job_id}-a1"
+        job = refuse_launch(running, running.ray_job_id, "HTTP 500", now=2000.0)
+        assert (job.state, job.attempt, job.attempts) == (JobState.QUEUED, 0, [])
+        assert (job.launch_refusals, job.launch_error) == (n, "HTTP 500")
+        delays.append(job.retry_at - 2000.0)
+    assert delays == [15.0, 30.0, 60.0, 120.0]
+    running = transition(job, JobState.RUNNING)
+    running.ray_job_id = "x-a1"
+    failed = refuse_launch(running, "x-a1", "HTTP 500")
+    assert failed.state is JobState.FAILED and failed.error["type"] == "LaunchRefused"
+    assert "refused by the cluster 5 times in a row: HTTP 500" in failed.error["message"]
+    assert len(failed.attempts) == 1
+
+
+def test_a_refusal_for_another_attempt_changes_nothing() -> None:
+    running = transition(make_job(), JobState.RUNNING)
+    running.ray_job_id = "job-a2"
+    assert refuse_launch(running, "job-a1", "late answer") is running
+
+
+def test_the_attempt_history_keeps_the_newest_entries_and_counts_the_rest() -> None:
+    job = make_job()
+    for _ in range(HISTORY_KEPT + 7):
+        job = transition(transition(job, JobState.RUNNING), JobState.QUEUED, reason="node lost")
+    assert len(job.attempts) == HISTORY_KEPT and job.attempts_dropped == 7
+    assert job.attempts[-1]["attempt"] == HISTORY_KEPT + 7
+    assert len(json.dumps(job.to_dict())) < 8000
