@@ -92,6 +92,7 @@ class JobRunner:
         self._busy: list[float] = []
         self._redone = 0
         self._prefetched = 0
+        self._generation = 0  # the pool's reservation that the decoding batches run in
         self._began = time.monotonic()
 
     def run(self) -> JobResult:
@@ -125,22 +126,23 @@ class JobRunner:
             if reserved is None:  # cancelled while waiting for room
                 return JobResult(self._summary(source, columns, progress, None), cancelled=True)
             pool.launch()  # the replicas load the model while the first batches decode
-            task = ray.remote(decode_batch).options(**pool.decode_options())
-
+            task = ray.remote(decode_batch)
             policy = ReadPolicy.from_env(
                 tuple(spec.allowed_buckets) if spec.allowed_buckets is not None else None)
 
             def decode(uris: list[str]) -> Any:
-                return task.remote(uris, info.input, reserved.fetch_threads, reserved.decode_nice,
-                                   policy)
+                """A decode task in the pool's reservation of now (a replaced one's is gone)."""
+                return task.options(**pool.decode_options()).remote(
+                    uris, info.input, reserved.fetch_threads, reserved.decode_nice, policy)
 
             self._decode = decode
             self._prefetch = _prefetch_batches(info.input, spec.batch_size, reserved.max_in_flight)
             cancelled = self._stream(pool, committed, progress)
             if not cancelled:  # a cancelled replica's queue may still hold batches: don't wait
-                self._busy = pool.busy_seconds()
-                for number, busy in enumerate(self._busy):
-                    metrics.replica_busy(self.job_id, str(number), busy / max(progress.elapsed, 1e-9))
+                busy = pool.busy_by_replica()
+                self._busy = list(busy.values())
+                for number, seconds in busy.items():
+                    metrics.replica_busy(self.job_id, number, seconds / max(progress.elapsed, 1e-9))
         finally:
             pool.stop()
         summary = self._summary(source, columns, progress, reserved)
@@ -190,7 +192,10 @@ class JobRunner:
         return False
 
     def _room(self, pool: PredictorPool) -> bool:
-        """Whether another batch may start decoding now."""
+        """Whether another batch may start decoding now (not while the reservation that decode
+        tasks run in is being replaced)."""
+        if pool.replanning:
+            return False
         if not self._progress.processing:
             return len(self._decoded) + len(self._in_flight) < self._prefetch
         return len(self._decoded) + len(self._in_flight) < pool.max_in_flight
@@ -230,8 +235,11 @@ class JobRunner:
         if not progress.processing:
             pool.check_started()
         pool.refresh(timeout=0.0 if self._in_flight else 0.5)
+        self._decode_lost(pool)
         self._dispatch(pool, progress)
         self._report_waiting(pool, progress)
+        if progress.processing:
+            pool.report_busy(self.job_id, progress.elapsed)
         if not self._in_flight:
             return False  # no replica ready yet: refresh waited for one
         ready, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=0.5)
@@ -255,6 +263,23 @@ class JobRunner:
             raise InfrastructureError(f"no batch finished for {STALL_TIMEOUT_S:.0f}s")
         return False
 
+    def _decode_lost(self, pool: PredictorPool) -> None:
+        """Decode again, in the new reservation, the waiting batches whose decode ran in a
+        replaced one and did not finish on a node that is still alive: a task bound to a
+        removed group may never end, and a result on a lost node is gone."""
+        import ray
+
+        if pool.generation == self._generation or pool.replanning:
+            return
+        self._generation = pool.generation
+        kept = pool.surviving([b.pixels for b in self._decoded if b.pixels is not None])
+        for batch in self._decoded:
+            if batch.pixels is not None and batch.pixels not in kept:
+                with contextlib.suppress(Exception):  # its group is gone: nothing to cancel
+                    ray.cancel(batch.pixels)
+                batch.pixels = self._decode(batch.uris)
+                self._redone += 1
+
     def _redo(self, pool: PredictorPool, batch: _Batch, exc: BaseException) -> None:
         """A batch was lost with its replica, node or decode task: send it again elsewhere.
 
@@ -270,12 +295,15 @@ class JobRunner:
         batch.tries += 1
         while pool.pick() is None:
             pool.refresh(timeout=1.0)
+            self._report_waiting(pool, self._progress)
             if self._should_stop():
                 return
+        self._decode_lost(pool)
         self._send(pool, batch)
 
     def _report_waiting(self, pool: PredictorPool, progress: Progress) -> None:
         progress.waiting = pool.waiting_reason()
+        progress.replanning = pool.replanning
         self._on_progress(progress)
 
     def _measure(self, batch: PredictedBatch, seconds: float) -> None:

@@ -7,11 +7,21 @@ saying why, until the first frees the room. Replicas beyond what fits now (``MIN
 started as plain actors; they stay pending (demand the autoscaler sees) and join when they
 start.
 
-Replicas come and go while a job runs. A replica whose process dies is restarted by Ray; one
-on a lost node is restarted when its bundle is placed again on a surviving or new node. Until
-it answers again it gets no work, and the job goes on with the others; only when no replica
-has been alive for ``REPLICA_LOSS_TIMEOUT`` does the attempt end (``InfrastructureError``, which
-the dispatcher retries).
+Replicas come and go while a job runs. A replica whose process dies is restarted by Ray in
+its bundle. A lost node takes its bundles with it: when what is left can hold them, Ray places
+them again and the replicas and decode tasks that were there restart in them. When it cannot,
+nothing may wait for them (a task or replica bound to a bundle that cannot come back waits
+forever), so the reservation is replaced (``_watch``)::
+
+    reservation not placed whole for REPLAN_AFTER_S ──► every replica stopped, group removed
+        ──► ``replan`` on what is alive (replicas keep their size; fewer of them, fewer decode
+            CPUs) ──► a new group ──► replicas launched in it (the rest wait for room, and
+            join when a node does, up to MAX) ──► the driver decodes again what was lost
+
+Survivors are stopped too, since a replica cannot leave its group: the price is one model
+load, seconds. While no replica is ready the job says why (``waiting_reason``); only when none
+has been alive for ``REPLICA_LOSS_TIMEOUT`` does the attempt end (``InfrastructureError``,
+which the dispatcher retries).
 """
 
 from __future__ import annotations
@@ -21,17 +31,22 @@ import os
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+from batchinf import metrics
 from batchinf.errors import InfrastructureError, JobFailed, ModelError
 from batchinf.job import JobSpec
 from batchinf.model import ModelSource
-from batchinf.planner import NodeView, Plan, describe, plan
+from batchinf.planner import NodeView, Plan, describe, plan, replan
 from batchinf.predictor import Predictor
 
 START_TIMEOUT_S = float(os.environ.get("BATCHINF_REPLICA_START_TIMEOUT", "600"))
 REPLICA_LOSS_TIMEOUT_S = float(os.environ.get("BATCHINF_REPLICA_LOSS_TIMEOUT", "300"))
 PLACEMENT_WAIT_S = 10.0  # a reservation not placed by then is re-planned from what is free
+REPLAN_AFTER_S = float(os.environ.get("BATCHINF_REPLAN_AFTER", "3"))  # Ray re-places in < 1 s
+WATCH_EVERY_S = 1.0  # how often the reservation's state is read while the job runs
+BUSY_EVERY_S = 5.0  # how often each replica's busy share is exported while the job runs
 REPLICA_RESTARTS = 8
 NODE_ID_LABEL = "ray.io/node-id"
 
@@ -73,6 +88,18 @@ def autoscaler_node_types() -> list[dict[str, float]]:
     ]
 
 
+@dataclass
+class _Replan:
+    """A reservation being replaced: since when, and the new one while it is being placed."""
+
+    since: float
+    nodes: list[NodeView] | None  # what is alive once the old group is gone (first try only)
+    group: Any = None
+    plan: Plan | None = None
+    asked_at: float = 0.0
+    waiting: str | None = None  # why no new reservation fits yet
+
+
 class PredictorPool:
     """Predictor actors, picked least-busy first; replicas that start late or restart rejoin."""
 
@@ -99,6 +126,16 @@ class PredictorPool:
         self._none_ready_since: float | None = None
         self._launched_at = 0.0
         self._began = False
+        self._need = spec.replicas_min  # ready replicas before model work begins
+        self._names: dict[Any, str] = {}  # actor -> its replica number, for metrics
+        self._shapes: list[dict[str, float]] = []  # nodes seen: a lost one's type may come back
+        self._replan: _Replan | None = None
+        self._recovering = False  # replaced reservation: until its replicas hold the model
+        self._unplaced_since: float | None = None
+        self._next_watch = 0.0
+        self._busy_asked: dict[Any, str] = {}  # busy_seconds() ref -> replica number
+        self._next_busy = 0.0
+        self.generation = 0  # reservations replaced so far: decode work of older ones is lost
 
     @property
     def max_in_flight(self) -> int:
@@ -115,18 +152,18 @@ class PredictorPool:
         Raises ``Infeasible`` at once for a demand no node can ever meet. Returns None if the
         job was cancelled while waiting.
         """
-        from ray.util.placement_group import placement_group, remove_placement_group
+        from ray.util.placement_group import remove_placement_group
 
         node_types = autoscaler_node_types()
         while not self._should_stop():
-            current = plan(live_nodes(), self._spec, node_types)
+            nodes = live_nodes()
+            self._shapes = [n.total for n in nodes]
+            current = plan(nodes, self._spec, node_types)
             if current.replicas_now == 0:
                 self._on_wait(current.waiting)
                 time.sleep(2.0)
                 continue
-            group = placement_group(
-                current.bundles(), strategy="SPREAD", bundle_label_selector=_selectors(current)
-            )
+            group = _ask(current)
             if _placed(group, PLACEMENT_WAIT_S):
                 self._group, self.plan = group, current
                 self._on_wait(current.waiting)
@@ -144,6 +181,7 @@ class PredictorPool:
         assert self.plan is not None
         remote = ray.remote(Predictor)
         custom = {k: v for k, v in self.plan.replica.items() if k not in ("CPU", "GPU")}
+        generation = f"-{self.generation}" if self.generation else ""
         for number in range(self._spec.replicas_max):
             strategy: Any = "SPREAD"
             if number < self.plan.replicas_now:
@@ -151,7 +189,7 @@ class PredictorPool:
                     self._group, placement_group_bundle_index=number
                 )
             actor = remote.options(
-                name=f"{self._prefix}-predictor-{number}",
+                name=f"{self._prefix}{generation}-predictor-{number}",
                 num_cpus=self.plan.replica_cpus,
                 num_gpus=self.plan.replica_gpus,
                 resources=custom or None,
@@ -161,6 +199,7 @@ class PredictorPool:
             ).remote(self._source, self._spec.top_k, self.plan.tf_threads, True,
                      self.plan.model_streams)
             self._actors.append(actor)
+            self._names[actor] = str(number)
             self._starting[actor.ready.remote()] = actor
         self._launched_at = time.monotonic()
 
@@ -180,11 +219,16 @@ class PredictorPool:
             f"{START_TIMEOUT_S:.0f}s"
         )
 
+    @property
+    def replanning(self) -> bool:
+        """Whether the reservation is being replaced: no decode task may start until it is."""
+        return self._replan is not None
+
     def decode_options(self) -> dict[str, Any]:
         """Ray options for a decode task: it runs in one of this job's decode bundles."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        assert self.plan is not None
+        assert self.plan is not None and self._group is not None
         return {
             "num_cpus": self.plan.decode_cpus,
             "max_retries": 3,
@@ -197,6 +241,9 @@ class PredictorPool:
         """Let replicas that have loaded the model (or come back) take work."""
         import ray
 
+        self._watch()
+        if self._replan is not None and not self._starting:
+            time.sleep(min(timeout, WATCH_EVERY_S))  # nothing to wait on but the cluster
         now = time.monotonic()
         for actor, when in list(self._lost.items()):
             if when <= now:  # ask a lost replica again whether Ray has restarted it
@@ -218,8 +265,68 @@ class PredictorPool:
                     raise ModelError(f"a model replica failed to start: {root_cause(exc)}") from exc
                 self._busy[actor] = 0
                 self._ever_ready.add(actor)
-        self._began = self._began or len(self._busy) >= self._spec.replicas_min
+        self._began = self._began or len(self._busy) >= self._need
+        self._recovering = self._recovering and len(self._busy) < self._need
         self._check_some_alive()
+
+    def _watch(self) -> None:
+        """Replace the reservation once a lost node left it unplaced for ``REPLAN_AFTER_S``.
+
+        Ray places a lost bundle again within a second where there is room; a group still
+        not placed after that waits for a node that may never come, and so would every
+        replica and decode task bound to it.
+        """
+        now = time.monotonic()
+        if now < self._next_watch:
+            return
+        self._next_watch = now + WATCH_EVERY_S
+        if self._replan is not None:
+            self._step_replan()
+            return
+        if self._group is None or _state(self._group) == "CREATED":
+            self._unplaced_since = None
+            return
+        self._unplaced_since = self._unplaced_since or now
+        if now - self._unplaced_since >= REPLAN_AFTER_S:
+            self._begin_replan()
+
+    def _begin_replan(self) -> None:
+        """Stop every replica and remove the group; what its live bundles held is free again."""
+        from ray.util.placement_group import remove_placement_group
+
+        nodes = _nodes_without(self._group)
+        self._kill_replicas()
+        remove_placement_group(self._group)
+        self._group, self._unplaced_since = None, None
+        self._replan = _Replan(since=time.monotonic(), nodes=nodes)
+        self.generation += 1
+        self._on_wait(self.waiting_reason())
+        self._step_replan()
+
+    def _step_replan(self) -> None:
+        """Plan on what is alive and ask for it; launch the replicas once it is placed."""
+        from ray.util.placement_group import remove_placement_group
+
+        assert self._replan is not None and self.plan is not None
+        pending, now = self._replan, time.monotonic()
+        if pending.group is None:
+            nodes, pending.nodes = pending.nodes or live_nodes(), None
+            node_types = autoscaler_node_types() + self._shapes
+            current = replan(nodes, self._spec, self.plan.replica, node_types)
+            if current.replicas_now == 0:
+                pending.waiting = current.waiting
+                return
+            pending.group, pending.plan, pending.asked_at = _ask(current), current, now
+        if _state(pending.group) == "CREATED":
+            assert pending.plan is not None
+            self._group, self.plan, self._replan = pending.group, pending.plan, None
+            self._need = min(self._spec.replicas_min, pending.plan.replicas_now)
+            self._recovering = True
+            self.launch()
+        elif now - pending.asked_at > PLACEMENT_WAIT_S:  # taken meanwhile: plan again
+            remove_placement_group(pending.group)
+            pending.group = None
+            pending.waiting = "waiting for resources held by other jobs"
 
     def _check_some_alive(self) -> None:
         if self._busy or not self._ever_ready:  # before the first: ``check_started``'s bound
@@ -236,6 +343,10 @@ class PredictorPool:
     def waiting_reason(self) -> str | None:
         """What replicas wait for, while some are not ready (None when all are)."""
         missing = self._spec.replicas_max - len(self._busy)
+        if self._replan is not None or self._recovering:
+            line = f"re-planning after a lost node: {len(self._busy)} of {self._spec.replicas_max} replicas"
+            why = self._replan.waiting if self._replan is not None else None
+            return f"{line}; {why}" if why else line
         if missing <= 0 or self.plan is None:
             return None
         if not self.started:
@@ -267,6 +378,50 @@ class PredictorPool:
         if self._busy.pop(actor, None) is not None:
             self._lost[actor] = time.monotonic() + 1.0
 
+    def report_busy(self, job_id: str, seconds: float) -> None:
+        """Export each ready replica's share of ``seconds`` spent in the model, every
+        ``BUSY_EVERY_S``, without waiting: the answers are read on a later call."""
+        import ray
+
+        if self._busy_asked:
+            ready, _ = ray.wait(list(self._busy_asked), num_returns=len(self._busy_asked),
+                                timeout=0)
+            for ref in ready:
+                number = self._busy_asked.pop(ref)
+                try:
+                    busy = ray.get(ref)
+                except ray.exceptions.RayError:
+                    continue
+                metrics.replica_busy(job_id, number, busy / max(seconds, 1e-9))
+        now = time.monotonic()
+        if now >= self._next_busy and not self._busy_asked:
+            self._next_busy = now + BUSY_EVERY_S
+            for actor in self._busy:
+                self._busy_asked[actor.busy_seconds.remote()] = self._names[actor]
+
+    def busy_by_replica(self) -> dict[str, float]:
+        """Seconds each ready replica has spent in the model, by replica number (best effort)."""
+        import ray
+
+        actors = list(self._busy)
+        try:
+            seconds = ray.get([actor.busy_seconds.remote() for actor in actors], timeout=30)
+        except ray.exceptions.RayError:
+            return {}
+        return {self._names[actor]: busy for actor, busy in zip(actors, seconds, strict=True)}
+
+    def surviving(self, refs: list[Any]) -> set[Any]:
+        """The decode results among ``refs`` that are done and kept on a node still alive."""
+        import ray
+        from ray.experimental import get_object_locations
+
+        if not refs:
+            return set()
+        done, _ = ray.wait(refs, num_returns=len(refs), timeout=0, fetch_local=False)
+        alive = {node.node_id for node in live_nodes()}
+        where = get_object_locations(done)
+        return {ref for ref in done if alive & set(where.get(ref, {}).get("node_ids") or ())}
+
     def busy_seconds(self) -> list[float]:
         """Seconds each ready replica has spent inside the model (best effort: [] on failure)."""
         import ray
@@ -291,18 +446,25 @@ class PredictorPool:
 
     def stop(self) -> None:
         """Free every replica and the reservation (its CPUs and GPUs) now."""
-        import ray
         from ray.util.placement_group import remove_placement_group
+
+        self._kill_replicas()
+        for group in (self._group, self._replan.group if self._replan else None):
+            if group is not None:
+                remove_placement_group(group)
+        self._group, self._replan = None, None
+
+    def _kill_replicas(self) -> None:
+        """Stop every replica now; calls in flight on them fail, and the driver sends them again."""
+        import ray
 
         for actor in self._actors:
             ray.kill(actor, no_restart=True)
-        if self._group is not None:
-            remove_placement_group(self._group)
-            self._group = None
         self._actors.clear()
         self._starting.clear()
         self._busy.clear()
         self._lost.clear()
+        self._busy_asked.clear()
 
 
 def _selectors(current: Plan) -> list[dict[str, str]]:
@@ -312,6 +474,39 @@ def _selectors(current: Plan) -> list[dict[str, str]]:
         avoid = {NODE_ID_LABEL: f"!in({','.join(current.avoid_nodes)})"}
     return [{} for _ in range(current.replicas_now)] + [
         dict(avoid) for _ in range(current.decode_tasks)
+    ]
+
+
+def _ask(current: Plan) -> Any:
+    """A placement group for ``current``'s bundles (placed whole or not at all)."""
+    from ray.util.placement_group import placement_group
+
+    return placement_group(
+        current.bundles(), strategy="SPREAD", bundle_label_selector=_selectors(current)
+    )
+
+
+def _state(group: Any) -> str:
+    """``CREATED`` while every bundle is placed; ``RESCHEDULING`` after a lost node, etc."""
+    from ray.util.placement_group import placement_group_table
+
+    return str(placement_group_table(group).get("state", ""))
+
+
+def _nodes_without(group: Any) -> list[NodeView]:
+    """The live nodes as they will be once ``group`` is removed: its bundles' room freed."""
+    from ray.util.placement_group import placement_group_table
+
+    table = placement_group_table(group)
+    held: dict[str, dict[str, float]] = {}
+    for index, node_id in (table.get("bundles_to_node_id") or {}).items():
+        room = held.setdefault(node_id, {})
+        for key, value in (table.get("bundles") or {}).get(index, {}).items():
+            room[key] = room.get(key, 0.0) + float(value)
+    return [
+        NodeView(n.node_id, n.total, {k: n.free.get(k, 0.0) + held.get(n.node_id, {}).get(k, 0.0)
+                                      for k in set(n.free) | set(held.get(n.node_id, {}))})
+        for n in live_nodes()
     ]
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+QUIET_AFTER_S = 10.0  # no row done for this long: the job is not keeping any ETA
+
 
 @dataclass
 class Progress:
@@ -18,6 +20,8 @@ class Progress:
     startup_s: float = 0.0  # until MIN replicas held the model (decode may begin before)
     waiting: str | None = None  # what the job waits for (resources, replicas), if anything
     processing: bool = False  # MIN replicas hold the model (first batches may decode before)
+    replanning: bool = False  # a lost node's reservation is being replaced: no row moves
+    _moved: tuple[int, float] = (0, 0.0)  # rows done when they last changed, and when
 
     def begin_processing(self) -> None:
         """The replicas hold the model: from now on the clock measures images, not start-up."""
@@ -36,5 +40,16 @@ class Progress:
 
     @property
     def eta_s(self) -> float | None:
+        """Seconds left at the run's speed; None while no row moves (re-planning, stalled)."""
         rate = self.images_per_s
-        return (self.rows_total - self.rows_done) / rate if rate > 0 else None
+        if rate <= 0 or self.replanning or self.quiet_s > QUIET_AFTER_S:
+            return None
+        return (self.rows_total - self.rows_done) / rate
+
+    @property
+    def quiet_s(self) -> float:
+        """Seconds since the rows done last changed (counted from the first time asked)."""
+        now = time.monotonic()
+        if self._moved[0] != self.rows_done or not self._moved[1]:
+            self._moved = (self.rows_done, now)
+        return now - self._moved[1]
