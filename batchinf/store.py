@@ -175,6 +175,8 @@ class JobStore:
         """Refuse a new job whose output a QUEUED or RUNNING job will write (reads only those)."""
         wanted = spec.output.rstrip("/")
         for job in self.list({JobState.QUEUED, JobState.RUNNING}):
+            if spec.idempotency_key is not None and job.spec.idempotency_key == spec.idempotency_key:
+                continue  # the key's own job, made by a racing submit: the key returns it
             if job.spec.output.rstrip("/") == wanted:
                 raise OutputTaken(
                     f"output {spec.output} is taken by job {job.job_id} ({job.state.value}); "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -26,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.faultproxy import FaultProxy
+
+logging.getLogger("werkzeug").setLevel(logging.WARNING)  # moto's server logs every request
 
 RESULTS = Path(__file__).parent / "results"
 
