@@ -136,3 +136,14 @@ def until(predicate: Any, timeout: float = 240.0, every: float = 0.5) -> Any:
             return value
         time.sleep(every)
     raise AssertionError("timed out waiting")
+
+
+def drive(dispatcher: Any, job_id: str, timeout: float = 180.0, every: float = 1.0) -> Any:
+    """Run dispatcher rounds until the job ends; its final record."""
+
+    def ended() -> Any:
+        dispatcher.tick()
+        job = dispatcher.store.get(job_id)
+        return job if job.state.terminal else None
+
+    return until(ended, timeout, every=every)

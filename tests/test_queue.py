@@ -17,7 +17,7 @@ from batchinf.dispatcher import Dispatcher
 from batchinf.job import JobSpec, JobState, transition
 from batchinf.store import JobStore
 from batchinf.worker import execute
-from tests.conftest import repeated_manifest, until, write_manifest
+from tests.conftest import drive, repeated_manifest, until, write_manifest
 from tests.models import write_solid_image
 
 
@@ -42,15 +42,6 @@ def many_images(tmp_path_factory) -> str:
         write_solid_image(str(folder / "img" / f"{i}.png"), (i % 256, 40, 200))
         rows.append([str(folder / "img" / f"{i}.png"), str(i)])
     return write_manifest(folder / "manifest.csv", ["uri", "n"], rows)
-
-
-def _drive(dispatcher: Dispatcher, job_id: str, timeout: float = 180.0):
-    def ended():
-        dispatcher.tick()
-        job = dispatcher.store.get(job_id)
-        return job if job.state.terminal else None
-
-    return until(ended, timeout, every=1.0)
 
 
 def _output_rows(output: str) -> list[str]:
@@ -102,7 +93,7 @@ def test_priority_then_age_with_one_job_at_a_time(dispatcher, store, image_model
     assert launched == [f"{ids['high']}-a1"]
     assert [j.job_id for j in store.list({JobState.RUNNING})] == [ids["high"]]
     for name in ("high", "mid", "low"):
-        assert _drive(dispatcher, ids[name]).state is JobState.SUCCEEDED
+        assert drive(dispatcher, ids[name]).state is JobState.SUCCEEDED
     starts = {name: store.get(job_id).started_at for name, job_id in ids.items()}
     assert starts["high"] < starts["mid"] < starts["low"]
 
@@ -117,7 +108,7 @@ def test_cancel_mid_run_then_resume_redoes_only_missing_shards(dispatcher, store
     assert not storage.exists(os.path.join(output, "_SUCCESS"))
     parts_before = len([n for n in storage.list_names(output) if n.endswith(".parquet")])
     store.update(job.job_id, lambda j: transition(j, JobState.QUEUED))  # what `resume` does
-    done = _drive(dispatcher, job.job_id)
+    done = drive(dispatcher, job.job_id)
     assert done.state is JobState.SUCCEEDED and done.summary["rows_this_run"] <= 300 - 20 * parts_before
     assert sorted(_output_rows(output), key=int) == [str(i) for i in range(300)]
 
@@ -132,7 +123,7 @@ def test_a_killed_driver_is_requeued_and_finishes_exactly_once(dispatcher, store
     running = until(lambda: (j := store.get(job.job_id)).runner and storage.list_names(output) and j)
     os.kill(running.runner["pid"], signal.SIGKILL)
     assert store.get(job.job_id).rows_done < 3000  # killed mid-job
-    done = _drive(dispatcher, job.job_id)
+    done = drive(dispatcher, job.job_id)
     assert done.state is JobState.SUCCEEDED and done.attempt == 2
     assert "(driver or its node lost)" in done.attempts[0]["reason"]
     assert sorted(_output_rows(output), key=int) == [str(i) for i in range(3000)]

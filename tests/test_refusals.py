@@ -16,7 +16,7 @@ from batchinf.dispatcher import Dispatcher
 from batchinf.job import JobSpec, JobState
 from batchinf.store import JobStore
 from bench.jobsproxy import JobsProxy
-from tests.conftest import until
+from tests.conftest import drive
 
 
 @pytest.fixture()
@@ -36,15 +36,6 @@ def fast_backoff(monkeypatch):
     monkeypatch.delenv("BATCHINF_LAUNCH_REFUSALS", raising=False)
 
 
-def _drive(dispatcher: Dispatcher, job_id: str, timeout: float = 180.0):
-    def ended():
-        dispatcher.tick()
-        job = dispatcher.store.get(job_id)
-        return job if job.state.terminal else None
-
-    return until(ended, timeout, every=0.5)
-
-
 def test_refused_launches_back_off_say_why_and_then_run_exactly_once(
     proxy, store, image_model, colour_images, tmp_path
 ):
@@ -60,7 +51,7 @@ def test_refused_launches_back_off_say_why_and_then_run_exactly_once(
     assert line.startswith("launch refused by the cluster: ") and "500" in line
     assert dispatcher.tick() == []  # backing off: not tried again yet
     assert proxy.counts["refuse"] == 1
-    done = _drive(dispatcher, job.job_id)
+    done = drive(dispatcher, job.job_id, every=0.5)
     assert done.state is JobState.SUCCEEDED and proxy.counts["refuse"] == 3
     assert (done.attempt, done.launch_refusals, done.launch_error) == (1, 0, None)
     assert [a["outcome"] for a in done.attempts] == ["succeeded"]  # refusals add no history
@@ -75,7 +66,7 @@ def test_a_launch_refused_every_time_fails_the_job_and_wait_exits_non_zero(
     dispatcher = Dispatcher(store, proxy.address)
     job, _ = store.create(JobSpec(manifest, image_model, str(tmp_path / "out")))
     proxy.refuse()
-    failed = _drive(dispatcher, job.job_id, timeout=60)
+    failed = drive(dispatcher, job.job_id, timeout=60, every=0.5)
     assert failed.state is JobState.FAILED and failed.error["type"] == "LaunchRefused"
     assert failed.error["message"].startswith("launch refused by the cluster 5 times in a row: ")
     assert proxy.counts["refuse"] == 5 and len(json.dumps(failed.to_dict())) < 6000
@@ -95,7 +86,7 @@ def test_a_launch_whose_answer_was_lost_is_adopted_not_refused(
     job, _ = store.create(JobSpec(manifest, image_model, str(tmp_path / "out")))
     proxy.refuse(1, mode="lose")
     assert dispatcher.tick() == [f"{job.job_id}-a1"]
-    done = _drive(dispatcher, job.job_id)
+    done = drive(dispatcher, job.job_id, every=0.5)
     assert proxy.counts["lose"] == 1
     assert (done.state, done.attempt, done.launch_refusals) == (JobState.SUCCEEDED, 1, 0)
     assert len(pq.read_table(str(tmp_path / "out")).to_pylist()) == len(colours)
