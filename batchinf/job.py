@@ -82,6 +82,7 @@ class JobSpec:
     idempotency_key: str | None = None
     replica_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources
     allowed_buckets: list[str] | None = None  # None: any bucket the deployment allows (access.py)
+    include: list[str] | None = None  # a listing's key globs; None: image extensions (listing.py)
 
     def validate(self) -> None:
         """Reject a spec no run could honour; the message names the option."""
@@ -110,6 +111,9 @@ class JobSpec:
             isinstance(b, str) and b and "/" not in b for b in self.allowed_buckets
         ):
             raise UsageError(f"--allowed-buckets takes bucket names, got {self.allowed_buckets}")
+        if self.include is not None and not (isinstance(self.include, list) and all(
+            isinstance(g, str) and g for g in self.include)):
+            raise UsageError(f"--include takes glob patterns, got {self.include}")
         if self.model_version is not None and self.model_version < 0:
             raise UsageError(f"--model-version must be a version number, got {self.model_version}")
 

@@ -3,7 +3,7 @@
 A spec names what ``batchinf submit`` would otherwise take as options::
 
     name: nightly-products              # required; with the date, the idempotency key
-    manifest: s3://data/manifests/{date}.csv
+    manifest: s3://data/manifests/{date}.csv   # or .jsonl, .parquet, a folder, s3://b/{date}/
     model: s3://models/resnet
     output: s3://data/predictions/{date}/
     top_k: 5
@@ -31,7 +31,7 @@ SPEC_SUFFIXES = (".yaml", ".yml")
 KEYS = {
     "name", "manifest", "model", "output", "top_k", "batch_size", "replicas", "gpus_per_replica",
     "cpus_per_replica", "decode_cpus", "replica_resources", "model_version", "shard_size",
-    "max_error_rate", "priority", "idempotency_key",
+    "max_error_rate", "priority", "idempotency_key", "include",
 }
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -71,6 +71,8 @@ def load(path: str, date: str) -> dict[str, Any]:
         raise UsageError(f"job spec {path} needs a 'name' (it makes the idempotency key)")
     rendered = {key: _render(value, date) for key, value in data.items()}
     rendered.setdefault("idempotency_key", f"{rendered['name']}-{date}")
+    if isinstance(rendered.get("include"), str):  # one glob, as --include takes it
+        rendered["include"] = [rendered["include"]]
     return rendered
 
 
