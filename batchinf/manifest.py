@@ -1,7 +1,16 @@
-"""The manifest: a CSV with a header and a ``uri`` column, read as a stream of shards.
+"""The manifest: the rows of a job, each with a ``uri``, read as a stream of shards.
 
-Every other column passes through to the output as text, unchanged. A manifest of millions of
-rows is never loaded whole: ``iter_shards`` yields ``shard_size`` rows at a time, and shard
+A manifest is one of:
+
+- a CSV with a header and a ``uri`` column; every other column passes through as text;
+- a JSONL / NDJSON file of objects with a ``uri`` field; the first object's keys are the
+  columns, strings pass through as they are and other values as JSON text;
+- a Parquet file, or a folder or prefix of Parquet parts, with a ``uri`` column; every other
+  column passes through with its own Arrow type;
+- a listing of a folder or an ``s3://bucket/prefix/``: every image under it is a row
+  (``listing.py``), frozen with the job's first attempt.
+
+None is ever loaded whole: ``Rows.shards`` yields ``shard_size`` rows at a time, and shard
 boundaries depend only on the row order and the shard size, so a resumed job cuts the manifest
 exactly as the first attempt did.
 """
@@ -9,9 +18,10 @@ exactly as the first attempt did.
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
+import json
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import IO
+from typing import IO, Any, Protocol
 
 from batchinf import storage
 from batchinf.errors import ManifestError, StorageError
@@ -36,21 +46,82 @@ class Shard:
     index: int
     first_row: int
     columns: tuple[str, ...]
-    rows: tuple[tuple[str, ...], ...]
+    rows: tuple[tuple[Any, ...], ...]
+    types: tuple[Any, ...] | None = None  # the columns' Arrow types; None: all text
 
     @property
     def uris(self) -> list[str]:
         position = self.columns.index(URI_COLUMN)
-        return [row[position] for row in self.rows]
+        return [row[position] or "" for row in self.rows]
 
     def __len__(self) -> int:
         return len(self.rows)
 
 
-def _check_header(header: list[str] | None, uri: str) -> tuple[str, ...]:
-    if not header:
-        raise ManifestError(f"manifest {uri} is empty: expected a CSV header with a 'uri' column")
-    columns = tuple(name.strip() for name in header)
+class Rows(Protocol):
+    """A manifest of any form, as its columns and a stream of shards."""
+
+    types: tuple[Any, ...] | None  # the columns' Arrow types; None: all text
+    total: int | None  # rows in all, once known (a listing knows at its end)
+
+    def check(self) -> tuple[str, ...]:
+        """The columns, after checking that the manifest can give rows; ``ManifestError`` if not."""
+
+    def count(self) -> int | None:
+        """Rows in all, or None while that is not known without reading everything (a listing)."""
+
+    def shards(self, shard_size: int) -> Iterator[Shard]:
+        """Consecutive shards of ``shard_size`` rows (the last may be shorter)."""
+
+
+def open_manifest(uri: str, include: Sequence[str] | None = None, *, output: str | None = None,
+                  job_id: str | None = None) -> Rows:
+    """The manifest at ``uri``, by its form: a folder or prefix is listed (its rows frozen
+    under ``output`` for ``job_id`` when given), ``.parquet`` and ``.jsonl`` / ``.ndjson``
+    by their names, anything else is CSV. A folder whose first file is a Parquet part is a
+    Parquet manifest, unless ``include`` chooses what to list."""
+    from batchinf import listing, tables
+
+    lower = uri.lower().rstrip("/")
+    if lower.endswith(".parquet"):
+        return tables.ParquetRows(uri)
+    if storage.is_folder(uri):
+        if include is None and listing.holds_parquet_parts(uri):
+            return tables.ParquetRows(uri)
+        return listing.ListingRows(uri, include, output=output, job_id=job_id)
+    if include is not None:
+        raise ManifestError(f"--include chooses what a listing lists; {uri} is a file: list a "
+                            "folder, or an s3:// prefix ending in /")
+    if lower.endswith((".jsonl", ".ndjson")):
+        return JsonlRows(uri)
+    return CsvRows(uri)
+
+
+def check(uri: str, include: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The manifest's columns, after checking it can give rows (what ``submit`` does first)."""
+    return open_manifest(uri, include).check()
+
+
+def cut(rows: Iterator[tuple[Any, ...]], shard_size: int, columns: tuple[str, ...],
+        types: tuple[Any, ...] | None = None, first_index: int = 0,
+        first_row: int = 0) -> Iterator[Shard]:
+    """Rows as consecutive shards of ``shard_size`` (the last may be shorter)."""
+    if shard_size < 1:
+        raise ManifestError(f"shard size must be at least 1, got {shard_size}")
+    batch: list[tuple[Any, ...]] = []
+    index, first = first_index, first_row
+    for row in rows:
+        batch.append(row)
+        if len(batch) == shard_size:
+            yield Shard(index, first, columns, tuple(batch), types)
+            index, first, batch = index + 1, first + shard_size, []
+    if batch:
+        yield Shard(index, first, columns, tuple(batch), types)
+
+
+def check_columns(names: Sequence[str], uri: str) -> tuple[str, ...]:
+    """Column names checked: a ``uri`` among them, none repeated, none the output writes."""
+    columns = tuple(names)
     if URI_COLUMN not in columns:
         raise ManifestError(f"manifest {uri} has no 'uri' column (columns: {', '.join(columns)})")
     duplicated = sorted({c for c in columns if columns.count(c) > 1})
@@ -62,6 +133,12 @@ def _check_header(header: list[str] | None, uri: str) -> tuple[str, ...]:
             f"manifest {uri} has column(s) the output writes itself: {', '.join(clashing)}"
         )
     return columns
+
+
+def _check_header(header: list[str] | None, uri: str) -> tuple[str, ...]:
+    if not header:
+        raise ManifestError(f"manifest {uri} is empty: expected a CSV header with a 'uri' column")
+    return check_columns([name.strip() for name in header], uri)
 
 
 def _rows(uri: str) -> Iterator[tuple[tuple[str, ...], tuple[str, ...]]]:
@@ -94,33 +171,115 @@ def _lines(raw: IO[bytes], uri: str) -> Iterator[str]:
                 f"at column {exc.start + 1})") from None
 
 
-def read_columns(uri: str) -> tuple[str, ...]:
-    """The manifest's columns, after checking the header."""
-    for columns, _ in _rows(uri):
-        return columns
+class CsvRows:
+    """A CSV manifest: every column text."""
+
+    types = None
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.total: int | None = None
+
+    def check(self) -> tuple[str, ...]:
+        for columns, _ in _rows(self.uri):
+            return columns
+        try:
+            with storage.open_binary(self.uri) as raw:
+                return _check_header(next(csv.reader(_lines(raw, self.uri)), None), self.uri)
+        except StorageError as exc:
+            raise ManifestError(f"cannot read manifest {self.uri}: {exc}") from exc
+
+    def count(self) -> int:
+        self.total = sum(1 for _ in _rows(self.uri))
+        return self.total
+
+    def shards(self, shard_size: int) -> Iterator[Shard]:
+        pairs = _rows(self.uri)
+        first = next(pairs, None)
+        if first is None:
+            return
+        columns = first[0]
+        rows = (row for _, row in _chain(first, pairs))
+        yield from cut(rows, shard_size, columns)
+
+
+class JsonlRows:
+    """A JSONL manifest: one object a line; the first object's keys are the columns."""
+
+    types = None
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self.total: int | None = None
+
+    def check(self) -> tuple[str, ...]:
+        for columns, _ in self._rows():
+            return columns
+        raise ManifestError(f"manifest {self.uri} is empty: expected JSON objects with a 'uri'")
+
+    def count(self) -> int:
+        self.total = sum(1 for _ in self._rows())
+        return self.total
+
+    def shards(self, shard_size: int) -> Iterator[Shard]:
+        pairs = self._rows()
+        first = next(pairs, None)
+        if first is None:
+            return
+        yield from cut((row for _, row in _chain(first, pairs)), shard_size, first[0])
+
+    def _rows(self) -> Iterator[tuple[tuple[str, ...], tuple[str | None, ...]]]:
+        """(columns, row) pairs: strings as they are, other values as JSON text, absent None."""
+        columns: tuple[str, ...] = ()
+        try:
+            with storage.open_binary(self.uri) as raw:
+                for number, line in enumerate(_lines(raw, self.uri), start=1):
+                    if not line.strip():
+                        continue
+                    item = _object(line, number, self.uri)
+                    if not columns:
+                        columns = check_columns(list(item), self.uri)
+                    extra = [key for key in item if key not in columns]
+                    if extra:
+                        raise ManifestError(
+                            f"manifest {self.uri} line {number} has key(s) the first object "
+                            f"has not: {', '.join(extra)}")
+                    yield columns, tuple(_text(item.get(c)) for c in columns)
+        except StorageError as exc:
+            raise ManifestError(f"cannot read manifest {self.uri}: {exc}") from exc
+
+
+def _object(line: str, number: int, uri: str) -> dict[str, Any]:
     try:
-        with storage.open_binary(uri) as raw:
-            return _check_header(next(csv.reader(_lines(raw, uri)), None), uri)
-    except StorageError as exc:
-        raise ManifestError(f"cannot read manifest {uri}: {exc}") from exc
+        item = json.loads(line)
+    except ValueError as exc:
+        raise ManifestError(f"manifest {uri} line {number} is not valid JSON: {exc}") from None
+    if not isinstance(item, dict):
+        raise ManifestError(f"manifest {uri} line {number} is not a JSON object")
+    return item
 
 
-def count_rows(uri: str) -> int:
-    """Rows in the manifest, counted in one streaming pass."""
-    return sum(1 for _ in _rows(uri))
+def _text(value: Any) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:
+    yield first
+    yield from rest
+
+
+def read_columns(uri: str) -> tuple[str, ...]:
+    """The manifest's columns, after checking it."""
+    return open_manifest(uri).check()
+
+
+def count_rows(uri: str) -> int | None:
+    """Rows in the manifest, counted in one streaming pass (None for a listing)."""
+    return open_manifest(uri).count()
 
 
 def iter_shards(uri: str, shard_size: int) -> Iterator[Shard]:
     """The manifest as consecutive shards of ``shard_size`` rows (the last may be shorter)."""
-    if shard_size < 1:
-        raise ManifestError(f"shard size must be at least 1, got {shard_size}")
-    rows: list[tuple[str, ...]] = []
-    columns: tuple[str, ...] = ()
-    index = first = 0
-    for columns, row in _rows(uri):
-        rows.append(row)
-        if len(rows) == shard_size:
-            yield Shard(index, first, columns, tuple(rows))
-            index, first, rows = index + 1, first + shard_size, []
-    if rows:
-        yield Shard(index, first, columns, tuple(rows))
+    return open_manifest(uri).shards(shard_size)

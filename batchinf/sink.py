@@ -36,9 +36,9 @@ PREDICTION = pa.struct(
 )
 
 
-def output_schema(columns: Sequence[str]) -> pa.Schema:
-    """Manifest columns (as text, unchanged), then what batchinf adds."""
-    fields = [pa.field(name, pa.string()) for name in columns]
+def output_schema(columns: Sequence[str], types: Sequence[pa.DataType] | None = None) -> pa.Schema:
+    """Manifest columns (as text, unless the manifest gives Arrow types), then what batchinf adds."""
+    fields = [pa.field(name, types[i] if types else pa.string()) for i, name in enumerate(columns)]
     fields += [
         pa.field("predictions", pa.list_(PREDICTION)),
         pa.field("top1_label", pa.string()),
@@ -98,7 +98,7 @@ def build_table(shard: Shard, batches: Sequence[PredictedBatch], run: RunInfo) -
         "model_version": [run.model_version] * n,
         "job_id": [run.job_id] * n,
     }
-    schema = output_schema(shard.columns).with_metadata({"batchinf.job_id": run.job_id})
+    schema = output_schema(shard.columns, shard.types).with_metadata({"batchinf.job_id": run.job_id})
     return pa.Table.from_pydict(columns, schema=schema)
 
 
@@ -145,9 +145,11 @@ def count_errors(part_uri: str) -> tuple[int, dict[str, int]]:
     return table.num_rows, kinds
 
 
-def write_empty_part(output: str, columns: Sequence[str], job_id: str) -> str:
+def write_empty_part(
+    output: str, columns: Sequence[str], job_id: str, types: Sequence[pa.DataType] | None = None
+) -> str:
     """A zero-row part with the full schema, so a job of no rows leaves a readable output."""
-    schema = output_schema(columns).with_metadata({"batchinf.job_id": job_id})
+    schema = output_schema(columns, types).with_metadata({"batchinf.job_id": job_id})
     return write_part(output, 0, schema.empty_table())
 
 

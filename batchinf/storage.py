@@ -20,6 +20,8 @@ default interval). Tests against moto prove the protocol, not the server's atomi
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import datetime
 import fcntl
 import functools
 import hashlib
@@ -509,3 +511,124 @@ def upload_folder(source: str, folder: str) -> None:
                 target = "/".join(p for p in (key.rstrip("/"), relative) if p)
                 _retrying(join(folder, relative),
                           functools.partial(client.upload_file, path, bucket, target))
+
+
+@dataclasses.dataclass(frozen=True)
+class Listed:
+    """One object of a listing: its key below the listed prefix, and what the listing says."""
+
+    key: str
+    uri: str
+    size: int
+    last_modified: datetime.datetime
+    etag: str | None = None
+
+
+def is_folder(uri: str) -> bool:
+    """An S3 prefix ending in ``/``, or a local folder: something to list, not to read."""
+    return uri.endswith("/") if is_s3(uri) else os.path.isdir(local_path(uri))
+
+
+def list_pages(folder: str, start_after: str | None = None) -> Iterator[list[Listed]]:
+    """Every object under a folder or S3 prefix, recursively, in key order, a page at a time
+    (one ListObjectsV2 page of up to 1,000 keys; locally, up to 1,000 files of a walk that
+    reads one folder at a time). ``start_after``: only the keys after it. Never loads whole."""
+    if is_s3(folder):
+        yield from _s3_pages(folder, start_after)
+        return
+    root = os.path.abspath(local_path(folder))
+    if not os.path.isdir(root):
+        raise NotFoundError(f"not found: {folder}")
+    page: list[Listed] = []
+    for item in _walk(root, "", start_after):
+        page.append(item)
+        if len(page) == 1000:
+            yield page
+            page = []
+    if page:
+        yield page
+
+
+def _s3_pages(folder: str, start_after: str | None) -> Iterator[list[Listed]]:
+    bucket, key = split_s3(folder)
+    prefix = key.rstrip("/") + "/" if key else ""
+    kwargs: dict[str, Any] = {"Bucket": bucket, "Prefix": prefix}
+    if start_after:
+        kwargs["StartAfter"] = prefix + start_after
+    while True:
+        page = _retrying(folder, functools.partial(s3_client().list_objects_v2, **kwargs))
+        yield [
+            Listed(obj["Key"][len(prefix):], f"s3://{bucket}/{obj['Key']}", int(obj["Size"]),
+                   obj["LastModified"], str(obj.get("ETag", "")).strip('"') or None)
+            for obj in page.get("Contents", []) if not obj["Key"].endswith("/")
+        ]
+        if not page.get("IsTruncated"):
+            return
+        kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+
+def _walk(root: str, relative: str, start_after: str | None) -> Iterator[Listed]:
+    """Files under ``root/relative`` in the order of their keys as strings, as S3 lists them:
+    a folder's entries sorted by name, a sub-folder's name taken as ``name/``."""
+    with _os_errors(root), os.scandir(os.path.join(root, relative)) as entries:
+        named = sorted((e.name + ("/" if e.is_dir(follow_symlinks=False) else ""), e)
+                       for e in entries)
+    for name, entry in named:
+        key = relative + name
+        if name.endswith("/"):
+            if start_after and start_after > key and not start_after.startswith(key):
+                continue  # every key below this folder was listed before
+            yield from _walk(root, key, start_after)
+        elif (start_after is None or key > start_after) and entry.is_file():
+            stat = entry.stat()
+            when = datetime.datetime.fromtimestamp(stat.st_mtime, tz=datetime.UTC)
+            yield Listed(key, os.path.join(root, key), stat.st_size, when)
+
+
+def open_seekable(uri: str) -> IO[bytes]:
+    """A seekable byte stream that reads only what is asked for (HTTP Ranges on S3): a
+    Parquet reader takes the footer, then the columns it needs, never the whole file."""
+    if not is_s3(uri):
+        with _os_errors(uri):
+            return open(local_path(uri), "rb")
+    return io.BufferedReader(_RangeFile(uri), buffer_size=1 << 20)
+
+
+class _RangeFile(io.RawIOBase):
+    """An S3 object as a seekable raw stream: each read is one ranged GET."""
+
+    def __init__(self, uri: str) -> None:
+        self._uri = uri
+        self._bucket, self._key = split_s3(uri)
+        head = _retrying(uri, lambda: s3_client().head_object(Bucket=self._bucket, Key=self._key))
+        self._size = int(head["ContentLength"])
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readinto(self, buffer: Any) -> int:
+        end = min(self._size, self._position + len(buffer))
+        if end <= self._position:
+            return 0
+        span = f"bytes={self._position}-{end - 1}"
+
+        def read() -> bytes:
+            obj = s3_client().get_object(Bucket=self._bucket, Key=self._key, Range=span)
+            return bytes(_whole_body(self._uri, obj.get("ContentLength"), None, obj["Body"]))
+
+        chunk = _retrying(self._uri, read)
+        buffer[: len(chunk)] = chunk
+        self._position += len(chunk)
+        return len(chunk)
