@@ -26,11 +26,18 @@ def _format_eta(seconds: float | None) -> str:
 
 def log_line(job_id: str, progress: Progress | Snapshot) -> str:
     """One line a cron log can keep: time, counts, percentage, speed, ETA, failures."""
-    total = max(progress.rows_total, 1)
+    if progress.rows_total is None:  # a listing goes on: no total, no share, no ETA yet
+        listed = getattr(progress, "rows_listed", 0)
+        share = f"{listed} listed so far" if listed else "listing"
+        counts = f"{progress.rows_done}/? rows ({share})"
+    else:
+        total = max(progress.rows_total, 1)
+        counts = (f"{progress.rows_done}/{progress.rows_total} rows"
+                  f" ({100 * progress.rows_done / total:.0f}%)")
     line = (
-        f"{time.strftime('%Y-%m-%d %H:%M:%S')} {job_id}: {progress.rows_done}/{progress.rows_total}"
-        f" rows ({100 * progress.rows_done / total:.0f}%), {progress.images_per_s:.1f} images/s,"
-        f" ETA {_format_eta(progress.eta_s)}, {progress.rows_failed} failed"
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')} {job_id}: {counts}, "
+        f"{progress.images_per_s:.1f} images/s, ETA {_format_eta(progress.eta_s)}, "
+        f"{progress.rows_failed} failed"
     )
     return f"{line}; {progress.waiting}" if progress.waiting else line
 
@@ -39,7 +46,7 @@ def log_line(job_id: str, progress: Progress | Snapshot) -> str:
 class Snapshot:
     """Progress as a job record tells it (for following a job that runs elsewhere)."""
 
-    rows_total: int
+    rows_total: int | None  # None: not known yet (a listing goes on)
     rows_done: int
     rows_failed: int
     images_per_s: float
@@ -48,7 +55,7 @@ class Snapshot:
 
     @property
     def eta_s(self) -> float | None:
-        if self.images_per_s <= 0:
+        if self.images_per_s <= 0 or self.rows_total is None:
             return None
         return (self.rows_total - self.rows_done) / self.images_per_s
 

@@ -12,7 +12,7 @@ QUIET_AFTER_S = 10.0  # no row done for this long: the job is not keeping any ET
 class Progress:
     """How far a job is; handed to the progress callback after every batch."""
 
-    rows_total: int
+    rows_total: int | None  # None while a listing goes on: its rows are not all known yet
     rows_done: int = 0
     rows_failed: int = 0
     rows_this_run: int = 0
@@ -21,6 +21,7 @@ class Progress:
     waiting: str | None = None  # what the job waits for (resources, replicas), if anything
     processing: bool = False  # MIN replicas hold the model (first batches may decode before)
     replanning: bool = False  # a lost node's reservation is being replaced: no row moves
+    rows_listed: int = 0  # a listing's rows so far, while ``rows_total`` is not known
     _moved: tuple[int, float] = (0, 0.0)  # rows done when they last changed, and when
 
     def begin_processing(self) -> None:
@@ -40,9 +41,10 @@ class Progress:
 
     @property
     def eta_s(self) -> float | None:
-        """Seconds left at the run's speed; None while no row moves (re-planning, stalled)."""
+        """Seconds left at the run's speed; None while no row moves (re-planning, stalled) or
+        while the rows are not all known (a listing goes on)."""
         rate = self.images_per_s
-        if rate <= 0 or self.replanning or self.quiet_s > QUIET_AFTER_S:
+        if rate <= 0 or self.rows_total is None or self.replanning or self.quiet_s > QUIET_AFTER_S:
             return None
         return (self.rows_total - self.rows_done) / rate
 
