@@ -1,7 +1,8 @@
 """The ``batchinf`` command line: parse, call one library function, show the result.
 
 Exit codes: 0 the job succeeded (or the command did what it says), 1 the job failed or an
-error stopped the command, 2 a bad command line, 3 the job was cancelled, 130 interrupted.
+error stopped the command, 2 a bad command line, 3 the job was cancelled, 4 the job succeeded
+but drifted from the previous night past its limit (``drift_alert``), 130 interrupted.
 TensorFlow and Ray are imported only by commands that run work, so ``--help``, ``status`` and
 an asynchronous ``submit`` stay fast.
 """
@@ -25,7 +26,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED = 1, 2, 3
+EXIT_FAILED, EXIT_USAGE, EXIT_CANCELLED, EXIT_DRIFTED = 1, 2, 3, 4
 
 StoreOption = Annotated[
     str | None,
@@ -123,6 +124,11 @@ def submit(
         typer.Option(help="Fail the job if more than this fraction of rows fail [default: 1].")
     ] = None,
     priority: Annotated[int | None, typer.Option(help="Higher runs first [default: 0].")] = None,
+    max_drift_psi: Annotated[
+        float | None,
+        typer.Option(help="Alert (exit 4 with --wait) when the top-1 class or score PSI against "
+                     "the spec's previous night is over this [default: the spec's drift.max_psi]."),
+    ] = None,
     idempotency_key: Annotated[
         str | None,
         typer.Option(help="A second submit with this key returns the first job [default for a "
@@ -150,7 +156,7 @@ def submit(
         if allowed_buckets is not None else None,
         "model_version": model_version, "shard_size": shard_size,
         "max_error_rate": max_error_rate, "priority": priority,
-        "idempotency_key": idempotency_key,
+        "idempotency_key": idempotency_key, "max_drift_psi": max_drift_psi,
     }
     spec = _build_spec(manifest, given, date)
     from batchinf.manifest import read_columns
@@ -199,8 +205,7 @@ def _build_spec(source: str, given: dict[str, Any], date: str | None) -> Any:
 
     values: dict[str, Any] = {"manifest": source}
     if jobfile.is_spec(source):
-        values = jobfile.load(source, jobfile.parse_date(date))
-        values.pop("name")
+        values = jobfile.job_options(jobfile.load(source, jobfile.parse_date(date)))
     elif date is not None:
         raise UsageError("--date applies to a job spec (jobs/*.yaml), not to a manifest")
     values.update({k: v for k, v in given.items() if v is not None})
@@ -313,6 +318,11 @@ def _show_final(job: Any, as_json: bool) -> None:
         raise typer.Exit(EXIT_CANCELLED)
     if job.state is not JobState.SUCCEEDED:
         raise typer.Exit(EXIT_FAILED)
+    if job.drift_alert:
+        from batchinf.drift import describe_alert
+
+        typer.echo(f"batchinf: job {job.job_id} drifted: {describe_alert(job.drift_alert)}", err=True)
+        raise typer.Exit(EXIT_DRIFTED)
 
 
 def _describe(job: Any) -> str:
@@ -325,6 +335,10 @@ def _describe(job: Any) -> str:
             f"  speed     {s['images_per_s']} images/s over {s['seconds']} s",
             f"  output    {s['output']}",
         ]
+    if job.drift_alert:
+        from batchinf.drift import describe_alert
+
+        lines.append(f"  drift     {describe_alert(job.drift_alert)}")
     if job.error:
         lines.append(f"  error     {job.error['type']}: {job.error['message']}")
     return "\n".join(lines)
@@ -397,6 +411,10 @@ def status(job_id: JobArgument, store: StoreOption = None, as_json: JsonOption =
         lines.append(f"  attempt {past['attempt']} {past['outcome']}: {past.get('reason') or 'ok'}")
     if job.cancel_requested and not job.state.terminal:
         lines.append("  cancel    requested")
+    if job.drift_alert:
+        from batchinf.drift import describe_alert
+
+        lines.append(f"  drift     {describe_alert(job.drift_alert)}")
     if job.error:
         lines.append(f"  error     {job.error['type']}: {job.error['message']}")
     typer.echo("\n".join(lines))
@@ -469,10 +487,46 @@ def parse_age(value: str) -> float:
 
 @app.command()
 def wait(job_id: JobArgument, store: StoreOption = None, as_json: JsonOption = False) -> None:
-    """Follow a job until it ends; the exit code says how (0 ok, 1 failed, 3 cancelled)."""
+    """Follow a job until it ends; the exit code says how (0 ok, 1 failed, 3 cancelled,
+    4 succeeded but drifted past its limit)."""
     from batchinf.store import JobStore
 
     _follow(JobStore.from_uri(store), job_id, as_json)
+
+
+@app.command()
+def report(
+    job_id: JobArgument,
+    against: Annotated[
+        str | None,
+        typer.Option(help="Compare with this job [default: the job's own baseline, the previous "
+                     "night of its spec].", show_default=False),
+    ] = None,
+    html: Annotated[
+        str | None,
+        typer.Option(help="Write the page here [default: _report.html in the job's output].",
+                     show_default=False),
+    ] = None,
+    store: StoreOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Show a job's figures (classes, scores, errors, speed, drift) and write its report page."""
+    from batchinf.report import describe
+    from batchinf.reportpage import job_report
+    from batchinf.store import JobStore
+
+    summary, page = job_report(JobStore.from_uri(store), job_id, against, html)
+    if as_json:
+        typer.echo(json.dumps(summary | {"report": page}, indent=2))
+        return
+    typer.echo(describe(summary))
+    drift = summary.get("drift")
+    if drift:
+        moved = ", ".join(f"{m['label']} {m['change']:+.1%}" for m in drift["classes_moved"])
+        typer.echo(f"  drift against {drift['against']}: class PSI {drift['top1_class_psi']:.4f}, "
+                   f"score PSI {drift['top1_score_psi']:.4f}, error rate "
+                   f"{drift['error_rate_change']:+.2%}, moved most: {moved or 'none'}")
+    typer.echo(f"  report    {page}")
 
 
 @app.command()

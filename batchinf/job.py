@@ -82,6 +82,8 @@ class JobSpec:
     idempotency_key: str | None = None
     replica_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources
     allowed_buckets: list[str] | None = None  # None: any bucket the deployment allows (access.py)
+    name: str | None = None  # the job spec's name: drift compares a night with its previous one
+    max_drift_psi: float | None = None  # a PSI over this against the previous night: an alert
     include: list[str] | None = None  # a listing's key globs; None: image extensions (listing.py)
 
     def validate(self) -> None:
@@ -114,6 +116,8 @@ class JobSpec:
         if self.include is not None and not (isinstance(self.include, list) and all(
             isinstance(g, str) and g for g in self.include)):
             raise UsageError(f"--include takes glob patterns, got {self.include}")
+        if self.max_drift_psi is not None and not self.max_drift_psi > 0:
+            raise UsageError(f"--max-drift-psi must be above 0, got {self.max_drift_psi}")
         if self.model_version is not None and self.model_version < 0:
             raise UsageError(f"--model-version must be a version number, got {self.model_version}")
 
@@ -156,6 +160,7 @@ class Job:
     attempts_dropped: int = 0  # older entries of ``attempts`` no longer kept (HISTORY_KEPT)
     launch_refusals: int = 0  # launches the cluster refused in a row (reset when one is taken)
     launch_error: str | None = None  # why the last launch was refused
+    drift_alert: dict[str, Any] | None = None  # {"measure", "value", "limit", "against"} (drift.py)
 
     @classmethod
     def new(cls, spec: JobSpec, *, job_id: str | None = None, now: float | None = None) -> Job:

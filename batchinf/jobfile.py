@@ -12,10 +12,12 @@ A spec names what ``batchinf submit`` would otherwise take as options::
     replica_resources: {gpu_node: 1}
     priority: 5
     max_error_rate: 0.01
+    drift: {max_psi: 0.2}               # alert when a night moves this far from the last one
 
 ``{date}`` (``YYYY-MM-DD``) is replaced in every text value. The idempotency key is
 ``<name>-<date>`` unless the spec gives one, so a cron line that fires twice on one day makes
-one job. Options given on the command line override the spec's.
+one job. Options given on the command line override the spec's. The name stays with the job:
+drift (``batchinf.drift``) compares a night with the previous SUCCEEDED night of the same name.
 """
 
 from __future__ import annotations
@@ -74,6 +76,22 @@ def load(path: str, date: str) -> dict[str, Any]:
     if isinstance(rendered.get("include"), str):  # one glob, as --include takes it
         rendered["include"] = [rendered["include"]]
     return rendered
+
+
+def job_options(rendered: dict[str, Any]) -> dict[str, Any]:
+    """A rendered spec as ``JobSpec`` options: ``drift: {max_psi: P}`` becomes ``max_drift_psi``."""
+    values = dict(rendered)
+    drift = values.pop("drift", None)
+    if drift is None:
+        return values
+    if not isinstance(drift, dict) or set(drift) - {"max_psi"}:
+        raise UsageError(f"a job spec's drift takes {{max_psi: P}}, got {drift!r}")
+    if drift.get("max_psi") is not None:
+        try:
+            values["max_drift_psi"] = float(drift["max_psi"])
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"drift max_psi must be a number, got {drift['max_psi']!r}") from exc
+    return values
 
 
 def _render(value: Any, date: str) -> Any:

@@ -11,6 +11,7 @@ Ray exports them from every process that records them, with its own ``ray_`` pre
     batchinf_job_outcomes          counter    state, reason     attempts ended: succeeded, failed,
                                                                 cancelled, requeued
     batchinf_serve_batch_size      histogram  model             requests per model call (serve)
+    batchinf_drift_psi             gauge      job_id, measure   PSI against the previous night
 
 Nothing is created at import: metrics are made on first use, in the process that records them,
 and recording never fails a job (a process without Ray records nothing).
@@ -51,6 +52,9 @@ def _metric(name: str) -> Any:
         "batchinf_serve_batch_size": lambda: metrics.Histogram(
             name, description="Online requests answered by one model call.",
             boundaries=BATCH_SIZE_BOUNDARIES, tag_keys=("model",)),
+        "batchinf_drift_psi": lambda: metrics.Gauge(
+            name, description="Population stability index of a job against its baseline night.",
+            tag_keys=("job_id", "measure")),
     }
     return made[name]()
 
@@ -86,3 +90,7 @@ def job_outcome(state: str, reason: str) -> None:
 
 def serve_batch(model: str, size: int) -> None:
     _record("batchinf_serve_batch_size", "observe", size, {"model": model})
+
+
+def drift_psi(job_id: str, measure: str, value: float) -> None:
+    _record("batchinf_drift_psi", "set", value, {"job_id": job_id, "measure": measure})

@@ -27,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from batchinf import manifest, metrics, sink, storage
+from batchinf import drift, manifest, metrics, report, sink, storage
 from batchinf.access import ReadPolicy
 from batchinf.decode import decode_batch
 from batchinf.errors import BatchinfError, InfrastructureError, JobFailed, UsageError
@@ -78,6 +78,7 @@ class JobRunner:
         spec: JobSpec,
         on_progress: Callable[[Progress], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        baseline: drift.Baseline | None = None,
     ) -> None:
         spec.validate()
         self.job_id = job_id
@@ -94,6 +95,9 @@ class JobRunner:
         self._prefetched = 0
         self._generation = 0  # the pool's reservation that the decoding batches run in
         self._began = time.monotonic()
+        self._began_at = time.time()  # wall clock, for the report's images/s over the run
+        self._baseline = baseline
+        self._stats: list[report.PartStats] = []
 
     def run(self) -> JobResult:
         import ray
@@ -116,6 +120,7 @@ class JobRunner:
         if progress.rows_total == 0:  # a header-only manifest: no replica, an empty output
             sink.write_empty_part(spec.output, columns, self.job_id)
             summary = self._summary(source, columns, progress, None)
+            self._report(summary)
             sink.write_success(spec.output, summary)
             return JobResult(summary)
         pool = PredictorPool(
@@ -149,8 +154,18 @@ class JobRunner:
         if cancelled:
             return JobResult(summary, cancelled=True)
         self._check_budget(progress)
+        self._report(summary)
         sink.write_success(spec.output, summary)
         return JobResult(summary)
+
+    def _report(self, summary: dict[str, Any]) -> None:
+        """Drift against the baseline (into the summary and the metrics), then the page."""
+        from batchinf.reportpage import write_page
+
+        if self._baseline is not None:
+            summary["drift"] = drift.compare(summary, self._baseline, self.spec.max_drift_psi)
+            drift.record(self.job_id, summary["drift"])
+        write_page(storage.join(self.spec.output, report.PAGE), summary)
 
     def _waiting(self, reason: str | None) -> None:
         """The pool waits for resources (or stopped waiting): say so in the progress."""
@@ -325,6 +340,9 @@ class JobRunner:
         batches = [b for b in work.results if b is not None]
         table = sink.build_table(work.shard, batches, self._run_info)
         sink.write_part(self.spec.output, work.shard.index, table)
+        stats = report.count_table(work.shard.index, table, self._began_at)
+        report.write_stats(self.spec.output, stats)
+        self._stats.append(stats)
         self._open.remove(work)
         self._parts += 1
         if self._first_part_s is None:
@@ -338,10 +356,11 @@ class JobRunner:
             )
 
     def _count_committed(self, committed: dict[int, str], progress: Progress) -> None:
-        for uri in committed.values():
-            rows, kinds = sink.count_errors(uri)
-            progress.rows_done += rows
-            for kind, count in kinds.items():
+        for shard, uri in committed.items():  # an earlier attempt's parts count in the figures
+            stats = report.read_stats(self.spec.output, shard, uri)
+            self._stats.append(stats)
+            progress.rows_done += stats.rows
+            for kind, count in stats.errors.items():
                 self._errors_by_kind[kind] = self._errors_by_kind.get(kind, 0) + count
                 progress.rows_failed += count
 
@@ -377,7 +396,7 @@ class JobRunner:
             "batches_redone": self._redone,
             "batches_decoded_before_model": self._prefetched,
             "finished_at": time.time(),
-        }
+        } | report.figures(self._stats)
 
 
 def run_job(
@@ -385,9 +404,11 @@ def run_job(
     spec: JobSpec,
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
+    baseline: drift.Baseline | None = None,
 ) -> JobResult:
-    """Run a whole job on the Ray instance this process is connected to."""
-    return JobRunner(job_id, spec, on_progress, should_stop).run()
+    """Run a whole job on the Ray instance this process is connected to; with a ``baseline``,
+    its summary carries its drift against it."""
+    return JobRunner(job_id, spec, on_progress, should_stop, baseline).run()
 
 
 def ensure_ray(address: str | None = None, *, dashboard: bool | None = None) -> str | None:

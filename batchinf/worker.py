@@ -14,7 +14,7 @@ import socket
 import time
 from collections.abc import Callable
 
-from batchinf import metrics
+from batchinf import drift, metrics
 from batchinf.errors import BatchinfError, InfrastructureError, JobError
 from batchinf.job import MAX_ATTEMPTS, Job, JobState, fail, retry_delay, retry_later, transition
 from batchinf.localray import process_is_gone
@@ -129,7 +129,8 @@ def run_claimed(
                                 runner=this_runner())
     keeper = _RecordKeeper(store, job, on_progress)
     try:
-        result = run_job(job_id, job.spec, keeper.progress, keeper.should_stop)
+        baseline = drift.previous_night(store, job)
+        result = run_job(job_id, job.spec, keeper.progress, keeper.should_stop, baseline)
     except KeyboardInterrupt:
         _finish(store, job_id, run_id, lambda j: transition(j, JobState.CANCELLED))
         raise
@@ -148,6 +149,7 @@ def run_claimed(
         done.rows_done = summary["rows_ok"] + summary["rows_failed"]
         done.rows_failed = summary["rows_failed"]
         done.images_per_s = summary["images_per_s"]
+        done.drift_alert = (summary.get("drift") or {}).get("alert")
         return done
 
     return _finish(store, job_id, run_id, finished)

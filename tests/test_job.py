@@ -34,15 +34,16 @@ def make_job(**spec: Any) -> Job:
 def test_stored_keys_are_pinned_so_old_records_stay_readable() -> None:
     data = make_job().to_dict()
     assert sorted(data) == [
-        "attempt", "attempts", "attempts_dropped", "cancel_requested", "created_at", "ended_at",
-        "error", "images_per_s", "job_id", "launch_error", "launch_refusals", "ray_address",
-        "ray_job_id", "retry_at", "rows_done", "rows_failed", "rows_total", "runner", "spec",
-        "started_at", "state", "summary", "updated_at", "waiting",
+        "attempt", "attempts", "attempts_dropped", "cancel_requested", "created_at",
+        "drift_alert", "ended_at", "error", "images_per_s", "job_id", "launch_error",
+        "launch_refusals", "ray_address", "ray_job_id", "retry_at", "rows_done", "rows_failed",
+        "rows_total", "runner", "spec", "started_at", "state", "summary", "updated_at", "waiting",
     ]  # fmt: skip
     assert sorted(data["spec"]) == [
         "allowed_buckets", "batch_size", "cpus_per_replica", "decode_cpus", "gpus_per_replica",
-        "idempotency_key", "include", "manifest",
-        "max_error_rate", "model", "model_version", "output", "priority", "replica_resources",
+        "idempotency_key", "include", "manifest", "max_drift_psi",
+        "max_error_rate", "model", "model_version", "name", "output", "priority",
+        "replica_resources",
         "replicas_max", "replicas_min", "shard_size", "top_k",
     ]  # fmt: skip
 

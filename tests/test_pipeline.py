@@ -45,7 +45,8 @@ def test_exact_topk_and_pass_through_columns(ray_local, image_model, colour_imag
     assert {(r["model_name"], r["model_version"], r["job_id"]) for r in rows} == {("colour", "2", "job-a")}
     assert rows[0]["top1_label"] == _topk(rows[0])[0][0] and rows[0]["error"] is None
     assert sorted(storage.list_names(output)) == [
-        "_SUCCESS", "_summary.json", "part-00000.parquet", "part-00001.parquet", "part-00002.parquet"
+        "_SUCCESS", "_report.html", "_summary.json", "part-00000.parquet", "part-00001.parquet",
+        "part-00002.parquet",
     ]
     assert result.summary["rows_ok"] == 12 and result.summary["rows_failed"] == 0
     timing = result.summary

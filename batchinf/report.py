@@ -1,0 +1,217 @@
+"""A job's figures: what its output says (classes, scores, errors) and how fast it was written.
+
+Figures are counted per committed part, as the part is committed, into a small sidecar beside
+it: ``_stats/part-NNNNN.json`` (its rows, top-1 classes, top-1 score histogram, errors by kind
+with a few example URIs, and when it was committed). A job's figures are the sum of its parts'
+sidecars, so a resumed job reports over every row of its output, including the parts an earlier
+attempt committed, without reading those parts again; a part whose sidecar is missing (its
+writer died between the two writes, or the output predates sidecars) is counted from its own
+``top1_label``, ``top1_score``, ``error_kind`` and ``uri`` columns, one part at a time.
+
+The figures go into ``_summary.json`` (beside the keys it always had) and into ``_report.html``
+(``batchinf.reportpage``), both written before ``_SUCCESS``. Scores are counted in fixed bins
+(20 of 0.05 over [0, 1], plus one below and one above for models that do not give
+probabilities), so two nights' histograms compare bin by bin (``batchinf.drift``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from batchinf import storage
+from batchinf.errors import NotFoundError
+
+STATS_FOLDER = "_stats"
+PAGE = "_report.html"
+SCORE_BINS = 20  # of width 1 / SCORE_BINS over [0, 1]
+EXAMPLES_KEPT = 3  # example URIs kept per error kind
+THROUGHPUT_POINTS = 30  # windows the run's time is cut into for images/s
+_COLUMNS = ("top1_label", "top1_score", "error_kind", "uri")
+
+
+@dataclass
+class PartStats:
+    """The figures of one committed part."""
+
+    shard: int
+    rows: int = 0
+    failed: int = 0
+    classes: dict[str, int] = field(default_factory=dict)
+    scores: list[int] = field(default_factory=lambda: [0] * (SCORE_BINS + 2))  # below, bins, above
+    score_sum: float = 0.0
+    errors: dict[str, int] = field(default_factory=dict)
+    examples: dict[str, list[str]] = field(default_factory=dict)
+    committed_at: float | None = None  # wall clock; None when counted later from the part
+    attempt_started_at: float | None = None  # when the attempt that committed it began
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PartStats:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def score_slot(score: float) -> int:
+    """The slot of a score: 0 below 0, 1..SCORE_BINS the bins (1.0 in the last), then above 1."""
+    if score < 0:
+        return 0
+    if score > 1:
+        return SCORE_BINS + 1
+    return min(int(score * SCORE_BINS), SCORE_BINS - 1) + 1
+
+
+def count_rows(
+    shard: int, columns: dict[str, list[Any]], *, committed_at: float | None = None,
+    attempt_started_at: float | None = None,
+) -> PartStats:
+    """The figures of a part from its columns (``top1_label``, ``top1_score``, ``error_kind``,
+    and ``uri`` when the manifest has one)."""
+    stats = PartStats(shard, committed_at=committed_at, attempt_started_at=attempt_started_at)
+    kinds = columns["error_kind"]
+    uris = columns.get("uri") or [None] * len(kinds)
+    for label, score, kind, uri in zip(columns["top1_label"], columns["top1_score"], kinds, uris,
+                                       strict=True):
+        stats.rows += 1
+        if kind is not None:
+            stats.failed += 1
+            stats.errors[kind] = stats.errors.get(kind, 0) + 1
+            examples = stats.examples.setdefault(kind, [])
+            if uri is not None and len(examples) < EXAMPLES_KEPT:
+                examples.append(str(uri))
+        elif score is not None:
+            key = str(label)
+            stats.classes[key] = stats.classes.get(key, 0) + 1
+            stats.scores[score_slot(float(score))] += 1
+            stats.score_sum += float(score)
+    return stats
+
+
+def count_table(shard: int, table: Any, attempt_started_at: float | None) -> PartStats:
+    """The figures of a part being committed now, from its Arrow table."""
+    wanted = [c for c in _COLUMNS if c in table.column_names]
+    columns = {name: table.column(name).to_pylist() for name in wanted}
+    return count_rows(shard, columns, committed_at=time.time(), attempt_started_at=attempt_started_at)
+
+
+def stats_uri(output: str, shard: int) -> str:
+    return storage.join(output, STATS_FOLDER, f"part-{shard:05d}.json")
+
+
+def write_stats(output: str, stats: PartStats) -> None:
+    """The part's sidecar; written after the part, so a sidecar never speaks for a missing part."""
+    storage.write_bytes(stats_uri(output, stats.shard), json.dumps(asdict(stats)).encode())
+
+
+def read_stats(output: str, shard: int, part_uri: str) -> PartStats:
+    """A committed part's figures: from its sidecar, or counted from its columns."""
+    try:
+        return PartStats.from_dict(json.loads(storage.read_bytes(stats_uri(output, shard))))
+    except (NotFoundError, ValueError, TypeError):
+        pass
+    import pyarrow.parquet as pq
+
+    data = io.BytesIO(storage.read_bytes(part_uri))
+    present = set(pq.read_schema(data).names)
+    table = pq.read_table(data, columns=[c for c in _COLUMNS if c in present])
+    return count_rows(shard, {name: table.column(name).to_pylist() for name in table.column_names})
+
+
+def figures(parts: Iterable[PartStats]) -> dict[str, Any]:
+    """A job's figures from its parts' (the new keys of ``_summary.json``)."""
+    parts = sorted(parts, key=lambda p: p.shard)
+    rows = sum(p.rows for p in parts)
+    failed = sum(p.failed for p in parts)
+    classes: dict[str, int] = {}
+    scores = [0] * (SCORE_BINS + 2)
+    examples: dict[str, list[str]] = {}
+    for part in parts:
+        for label, count in part.classes.items():
+            classes[label] = classes.get(label, 0) + count
+        scores = [a + b for a, b in zip(scores, part.scores, strict=True)]
+        for kind, uris in part.examples.items():
+            kept = examples.setdefault(kind, [])
+            kept.extend(uris[: EXAMPLES_KEPT - len(kept)])
+    ok = rows - failed
+    return {
+        "error_rate": round(failed / rows, 6) if rows else 0.0,
+        "top1_classes": dict(sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "top1_score_mean": round(sum(p.score_sum for p in parts) / ok, 6) if ok else None,
+        "top1_score_histogram": {
+            "edges": [round(i / SCORE_BINS, 4) for i in range(SCORE_BINS + 1)],
+            "counts": scores[1:-1], "below": scores[0], "above": scores[-1],
+        },
+        "error_examples": dict(sorted(examples.items())),
+        "throughput": throughput(parts),
+    }
+
+
+def throughput(parts: list[PartStats]) -> dict[str, Any]:
+    """Images/s over the run: rows committed in each of up to ``THROUGHPUT_POINTS`` equal
+    windows, from the first attempt's start to the last commit (a window with no commit, such
+    as start-up or the gap before a resume, is 0)."""
+    timed = [p for p in parts if p.committed_at is not None]
+    if not timed:
+        return {"started_at": None, "window_s": None, "images_per_s": []}
+    start = min(p.attempt_started_at or p.committed_at for p in timed)  # type: ignore[type-var]
+    span = max(max(p.committed_at for p in timed) - start, 1e-3)  # type: ignore[type-var,operator]
+    windows = max(1, min(THROUGHPUT_POINTS, len(timed)))
+    width = span / windows
+    rows = [0] * windows
+    for part in timed:
+        rows[min(int((part.committed_at - start) / width), windows - 1)] += part.rows  # type: ignore[operator]
+    return {"started_at": start, "window_s": round(width, 3),
+            "images_per_s": [round(r / width, 2) for r in rows]}
+
+
+def read_summary(job_id: str, output: str) -> dict[str, Any]:
+    """Row counts and figures of an output, from its committed parts' sidecars (or columns):
+    for a job whose record has no figures (still running, or from before they were kept)."""
+    from batchinf.sink import committed_parts
+
+    parts = [read_stats(output, shard, uri) for shard, uri in committed_parts(output).items()]
+    rows, failed = sum(p.rows for p in parts), sum(p.failed for p in parts)
+    kinds: dict[str, int] = {}
+    for part in parts:
+        for kind, count in part.errors.items():
+            kinds[kind] = kinds.get(kind, 0) + count
+    return {"job_id": job_id, "output": output, "rows_total": rows, "rows_ok": rows - failed,
+            "rows_failed": failed, "errors_by_kind": dict(sorted(kinds.items()))} | figures(parts)
+
+
+def has_figures(summary: dict[str, Any] | None) -> bool:
+    return bool(summary) and "top1_classes" in summary  # type: ignore[operator]
+
+
+def describe(summary: dict[str, Any], top: int = 8) -> str:
+    """The figures as terminal lines."""
+    rows = summary.get("rows_total") or 0
+    lines = [f"{summary.get('job_id', '?')}: {rows} rows, {summary.get('rows_failed', 0)} failed "
+             f"(error rate {summary['error_rate']:.2%}), mean top-1 score "
+             f"{_number(summary.get('top1_score_mean'))}"]
+    classes = summary["top1_classes"]
+    ok = sum(classes.values()) or 1
+    lines.append(f"  top-1 classes ({len(classes)}):")
+    for label, count in list(classes.items())[:top]:
+        lines.append(f"    {label:<24} {count:>9}  {count / ok:6.1%}")
+    if len(classes) > top:
+        lines.append(f"    ... {len(classes) - top} more")
+    histogram = summary["top1_score_histogram"]
+    lines.append("  top-1 scores: " + " ".join(str(c) for c in histogram["counts"])
+                 + f"  (bins of {1 / SCORE_BINS:g} over 0..1; below {histogram['below']}, "
+                 f"above {histogram['above']})")
+    for kind, count in summary.get("errors_by_kind", {}).items():
+        examples = ", ".join(summary.get("error_examples", {}).get(kind, []))
+        lines.append(f"  errors {kind}: {count}" + (f" (e.g. {examples})" if examples else ""))
+    speed = summary["throughput"]["images_per_s"]
+    if speed:
+        lines.append(f"  images/s over the run: peak {max(speed):.1f}, "
+                     f"windows of {summary['throughput']['window_s']} s")
+    return "\n".join(lines)
+
+
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,261 @@
+"""A job's report page, ``_report.html``: one self-contained file, plots drawn as inline SVG.
+
+Nothing on the page makes a request (no script, font, style sheet or image from anywhere), so
+it opens the same from an S3 console download, a mail attachment or a folder with no network.
+The SVG is written here by hand from the figures of ``batchinf.report`` (no plotting library at
+run time): the top-1 class distribution, the top-1 score histogram, images/s over the run, the
+error rows by kind with example URIs, and, with a baseline, the drift against it.
+"""
+
+from __future__ import annotations
+
+from html import escape
+from typing import Any
+
+from batchinf import storage
+
+BAR, BASE, LINE, ALERT = "#3b6ea8", "#a9b1bb", "#2f8f5b", "#b3261e"
+CLASSES_SHOWN = 15
+_STYLE = """
+body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;color:#1d232b;
+margin:24px auto;max-width:980px;padding:0 16px}
+h1{font-size:22px;margin:0 0 4px}h2{font-size:17px;margin:28px 0 8px;border-bottom:1px solid #dde1e6}
+.meta{color:#57606a}.grid{display:flex;gap:28px;flex-wrap:wrap}.fig{margin:0}
+figcaption{color:#57606a;font-size:12px}svg text{font:12px system-ui,Helvetica,Arial,sans-serif;fill:#1d232b}
+table{border-collapse:collapse}td,th{padding:3px 12px 3px 0;text-align:left;vertical-align:top}
+th{color:#57606a;font-weight:600}.num{text-align:right;font-variant-numeric:tabular-nums}
+.alert{background:#fdecea;border-left:4px solid #b3261e;padding:8px 12px;margin:12px 0}
+.ok{background:#eaf5ee;border-left:4px solid #2f8f5b;padding:8px 12px;margin:12px 0}
+.uri{font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px;word-break:break-all}
+"""
+
+
+def write_page(uri: str, summary: dict[str, Any]) -> str:
+    """Write the page of ``summary`` (a ``_summary.json`` with its figures) to ``uri``."""
+    storage.write_bytes(uri, page(summary).encode("utf-8"))
+    return uri
+
+
+def page(summary: dict[str, Any]) -> str:
+    """The whole HTML page."""
+    drift = summary.get("drift")
+    baseline = drift.get("baseline") if drift else None
+    body = [
+        _header(summary),
+        _drift_section(drift) if drift else "",
+        "<h2>Top-1 classes</h2>", _figure(class_chart(summary["top1_classes"], baseline and
+                                                      baseline["top1_class_shares"]),
+                                          _class_caption(summary, drift)),
+        "<h2>Top-1 scores</h2>", _figure(score_chart(summary["top1_score_histogram"], baseline and
+                                                     baseline["top1_score_histogram"]),
+                                         _score_caption(summary, drift)),
+        "<h2>Images per second over the run</h2>", _figure(speed_chart(summary["throughput"]),
+                                                           _speed_caption(summary)),
+        "<h2>Error rows</h2>", _errors(summary),
+    ]
+    title = escape(f"batchinf report {summary.get('job_id', '')}")
+    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{title}</title><style>{_STYLE}</style></head>\n<body>\n"
+            + "\n".join(body) + "\n</body></html>\n")
+
+
+def _header(s: dict[str, Any]) -> str:
+    model = s.get("model") or {}
+    rows = s.get("rows_total", 0)
+    facts = [f"{rows:,} rows: {s.get('rows_ok', 0):,} ok, {s.get('rows_failed', 0):,} failed "
+             f"({s['error_rate']:.2%})"]
+    if model:
+        facts.append(f"model {model.get('name')} version {model.get('version')}")
+    if s.get("seconds") is not None:
+        facts.append(f"{s.get('images_per_s')} images/s over {s.get('seconds')} s")
+    mean = s.get("top1_score_mean")
+    facts.append("mean top-1 score " + ("-" if mean is None else f"{mean:.4f}"))
+    output = f"<div class=\"meta uri\">{escape(str(s['output']))}</div>" if s.get("output") else ""
+    return (f"<h1>{escape(str(s.get('job_id', 'job')))}</h1>{output}"
+            f"<p class=\"meta\">{escape(' · '.join(facts))}</p>")
+
+
+def _figure(svg: str, caption: str) -> str:
+    return f"<figure class=\"fig\">{svg}<figcaption>{escape(caption)}</figcaption></figure>"
+
+
+def _class_caption(s: dict[str, Any], drift: dict[str, Any] | None) -> str:
+    shown = min(CLASSES_SHOWN, len(s["top1_classes"]))
+    text = f"Share of ok rows by top-1 class; {shown} of {len(s['top1_classes'])} classes shown."
+    return text + (f" Grey: {drift['against']}." if drift else "")
+
+
+def _score_caption(s: dict[str, Any], drift: dict[str, Any] | None) -> str:
+    h = s["top1_score_histogram"]
+    text = f"Ok rows by top-1 score, bins of 0.05; below 0: {h['below']}, above 1: {h['above']}."
+    return text + (f" Grey outline: {drift['against']}." if drift else "")
+
+
+def _speed_caption(s: dict[str, Any]) -> str:
+    t = s["throughput"]
+    if not t["images_per_s"]:
+        return "No part committed with a time."
+    return (f"Rows committed per window of {t['window_s']} s, from the start of the first "
+            f"attempt to the last part; start-up and gaps between attempts show as 0.")
+
+
+def class_chart(classes: dict[str, int], baseline: dict[str, float] | None = None) -> str:
+    """Horizontal bars: each class's share of the ok rows (the baseline's shares as grey bars)."""
+    total = sum(classes.values()) or 1
+    labels = list(classes)[:CLASSES_SHOWN]
+    if baseline:
+        labels += [k for k in baseline if k not in labels][: max(0, CLASSES_SHOWN - len(labels))]
+    if not labels:
+        return _empty("no ok rows")
+    shares = [(classes.get(k, 0) / total, (baseline or {}).get(k, 0.0)) for k in labels]
+    top = max(max(now, then) for now, then in shares) or 1.0
+    row, left, width = (30 if baseline else 22), 170, 440
+    parts = []
+    for i, (label, (now, then)) in enumerate(zip(labels, shares, strict=True)):
+        y = 6 + i * row
+        parts.append(f'<text x="{left - 8}" y="{y + 13}" text-anchor="end">{escape(_cut(label))}</text>')
+        parts.append(f'<rect class="bar" x="{left}" y="{y + 2}" width="{max(1.0, width * now / top):.1f}" '
+                     f'height="14" fill="{BAR}"/>')
+        parts.append(f'<text x="{left + width * now / top + 6:.1f}" y="{y + 13}">'
+                     f'{classes.get(label, 0):,} · {now:.1%}</text>')
+        if baseline:
+            parts.append(f'<rect class="base" x="{left}" y="{y + 18}" '
+                         f'width="{max(1.0, width * then / top):.1f}" height="6" fill="{BASE}"/>')
+    return _svg(left + width + 120, 12 + len(labels) * row, "Top-1 class distribution", parts)
+
+
+def score_chart(histogram: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
+    """Vertical bars over the fixed score bins (the baseline's shares as a grey outline)."""
+    counts = histogram["counts"]
+    total = sum(counts) or 1
+    shares = [c / total for c in counts]
+    then = [c / (sum(baseline["counts"]) or 1) for c in baseline["counts"]] if baseline else []
+    top = max(shares + then) or 1.0
+    left, bottom, width, height = 50, 190, 600, 170
+    step = width / len(counts)
+    parts = _y_axis(left, bottom, width, height, top, "{:.0%}")
+    for i, share in enumerate(shares):
+        h = height * share / top
+        parts.append(f'<rect class="bar" x="{left + i * step + 1:.1f}" y="{bottom - h:.1f}" '
+                     f'width="{step - 2:.1f}" height="{h:.1f}" fill="{BAR}"><title>'
+                     f'{histogram["edges"][i]:.2f}-{histogram["edges"][i + 1]:.2f}: {counts[i]}'
+                     f'</title></rect>')
+    if then:
+        path = " ".join(f"L{left + i * step:.1f},{bottom - height * s / top:.1f} "
+                        f"L{left + (i + 1) * step:.1f},{bottom - height * s / top:.1f}"
+                        for i, s in enumerate(then))
+        parts.append(f'<path class="base" d="M{left},{bottom} {path} L{left + width},{bottom}" '
+                     f'fill="none" stroke="#6b7480" stroke-width="1.5"/>')
+    for tick in (0, 0.25, 0.5, 0.75, 1.0):
+        x = left + width * tick
+        parts.append(f'<text x="{x:.1f}" y="{bottom + 16}" text-anchor="middle">{tick:g}</text>')
+    return _svg(left + width + 20, bottom + 24, "Top-1 score histogram", parts)
+
+
+def speed_chart(throughput: dict[str, Any]) -> str:
+    """Images/s per window of the run as a line over an area."""
+    rates = throughput["images_per_s"]
+    if not rates:
+        return _empty("no timed parts")
+    window = throughput["window_s"] or 1.0
+    left, bottom, width, height = 60, 190, 590, 170
+    top = max(rates) or 1.0
+    points = [(0.0, 0.0)]
+    for i, rate in enumerate(rates):  # a step per window: the rate held over it
+        points += [(i * window, rate), ((i + 1) * window, rate)]
+    span = len(rates) * window
+    xy = [(left + width * t / span, bottom - height * r / top) for t, r in points]
+    line = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
+    parts = _y_axis(left, bottom, width, height, top, "{:.0f}")
+    parts.append(f'<polygon class="area" points="{line} {left + width},{bottom}" '
+                 f'fill="{LINE}" fill-opacity="0.18"/>')
+    parts.append(f'<polyline class="line" points="{line}" fill="none" stroke="{LINE}" '
+                 f'stroke-width="2"/>')
+    for tick in range(5):
+        x = left + width * tick / 4
+        parts.append(f'<text x="{x:.1f}" y="{bottom + 16}" text-anchor="middle">'
+                     f'{span * tick / 4:.0f} s</text>')
+    return _svg(left + width + 20, bottom + 24, "Images per second over the run", parts)
+
+
+def _y_axis(left: float, bottom: float, width: float, height: float, top: float,
+            fmt: str) -> list[str]:
+    parts = [f'<line x1="{left}" y1="{bottom}" x2="{left + width}" y2="{bottom}" stroke="#8c959f"/>']
+    for tick in range(1, 5):
+        y = bottom - height * tick / 4
+        parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + width}" y2="{y:.1f}" '
+                     f'stroke="#eaeef2"/>')
+        parts.append(f'<text x="{left - 6}" y="{y + 4:.1f}" text-anchor="end">'
+                     f'{fmt.format(top * tick / 4)}</text>')
+    return parts
+
+
+def _svg(width: float, height: float, title: str, parts: list[str]) -> str:
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" role="img" width="{width:.0f}" '
+            f'height="{height:.0f}" viewBox="0 0 {width:.0f} {height:.0f}"><title>'
+            f'{escape(title)}</title>' + "".join(parts) + "</svg>")
+
+
+def _empty(text: str) -> str:
+    return _svg(300, 40, text, [f'<text x="0" y="24">({escape(text)})</text>'])
+
+
+def _cut(label: str, most: int = 24) -> str:
+    return label if len(label) <= most else label[: most - 1] + "…"
+
+
+def _errors(s: dict[str, Any]) -> str:
+    kinds = s.get("errors_by_kind") or {}
+    if not kinds:
+        return "<p>No error rows.</p>"
+    rows = s.get("rows_total") or 1
+    examples = s.get("error_examples") or {}
+    lines = ["<table><tr><th>kind</th><th class=\"num\">rows</th><th class=\"num\">share</th>"
+             "<th>examples</th></tr>"]
+    for kind, count in sorted(kinds.items(), key=lambda kv: -kv[1]):
+        uris = "<br>".join(escape(u) for u in examples.get(kind, []))
+        lines.append(f"<tr><td>{escape(kind)}</td><td class=\"num\">{count:,}</td>"
+                     f"<td class=\"num\">{count / rows:.2%}</td><td class=\"uri\">{uris}</td></tr>")
+    return "".join(lines) + "</table>"
+
+
+def _drift_section(d: dict[str, Any]) -> str:
+    from batchinf.drift import describe_alert
+
+    if d.get("alert"):
+        banner = f"<div class=\"alert\"><b>Drift alert:</b> {escape(describe_alert(d['alert']))}</div>"
+    else:
+        limit = f" (limit {d['limit']:g})" if d.get("limit") is not None else ""
+        banner = f"<div class=\"ok\">No drift alert{escape(limit)}.</div>"
+    mean = d.get("top1_score_mean_change")
+    rows = [("top-1 class PSI", f"{d['top1_class_psi']:.4f}"),
+            ("top-1 score PSI", f"{d['top1_score_psi']:.4f}"),
+            ("error rate change", f"{d['error_rate_change']:+.2%}"),
+            ("mean top-1 score change", "-" if mean is None else f"{mean:+.4f}")]
+    table = "".join(f"<tr><td>{k}</td><td class=\"num\">{v}</td></tr>" for k, v in rows)
+    moved = "".join(
+        f"<tr><td>{escape(m['label'])}</td><td class=\"num\">{m['before']:.1%}</td>"
+        f"<td class=\"num\">{m['after']:.1%}</td><td class=\"num\">{m['change']:+.1%}</td></tr>"
+        for m in d["classes_moved"])
+    return (f"<h2>Drift against {escape(d['against'])}</h2>{banner}<div class=\"grid\">"
+            f"<table>{table}</table><table><tr><th>class</th><th class=\"num\">before</th>"
+            f"<th class=\"num\">now</th><th class=\"num\">change</th></tr>{moved}</table></div>")
+
+
+def job_report(store: Any, job_id: str, against: str | None = None,
+               html: str | None = None) -> tuple[dict[str, Any], str]:
+    """A job's summary with its figures (and drift against ``against``, or its own baseline),
+    and where its page was written (``html``, or ``_report.html`` in its output)."""
+    from batchinf import drift, report
+
+    job = store.get(job_id)
+    summary = dict(job.summary) if report.has_figures(job.summary) else report.read_summary(
+        job_id, job.spec.output)
+    baseline = drift.baseline_of(store, against) if against else None
+    if baseline is None and "drift" not in summary:
+        baseline = drift.previous_night(store, job)
+    if baseline is not None:
+        summary["drift"] = drift.compare(summary, baseline, job.spec.max_drift_psi)
+    uri = html or storage.join(job.spec.output, report.PAGE)
+    write_page(uri, summary)
+    return summary, uri
