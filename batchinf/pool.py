@@ -27,6 +27,7 @@ which the dispatcher retries).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import secrets
 import time
@@ -40,6 +41,8 @@ from batchinf.job import JobSpec
 from batchinf.model import ModelSource
 from batchinf.planner import NodeView, Plan, describe, plan, replan
 from batchinf.predictor import Predictor
+
+log = logging.getLogger("batchinf.pool")
 
 START_TIMEOUT_S = float(os.environ.get("BATCHINF_REPLICA_START_TIMEOUT", "600"))
 REPLICA_LOSS_TIMEOUT_S = float(os.environ.get("BATCHINF_REPLICA_LOSS_TIMEOUT", "300"))
@@ -294,6 +297,8 @@ class PredictorPool:
         """Stop every replica and remove the group; what its live bundles held is free again."""
         from ray.util.placement_group import remove_placement_group
 
+        log.warning("reservation not placed whole for %.0f s after a lost node: replacing it",
+                    REPLAN_AFTER_S)
         nodes = _nodes_without(self._group)
         self._kill_replicas()
         remove_placement_group(self._group)
@@ -316,12 +321,17 @@ class PredictorPool:
             if current.replicas_now == 0:
                 pending.waiting = current.waiting
                 return
+            log.info("re-planned on what is alive: %d replica(s) of %s, %d decode task(s) of "
+                     "%g CPU", current.replicas_now, describe(current.replica),
+                     current.decode_tasks, current.decode_cpus)
             pending.group, pending.plan, pending.asked_at = _ask(current), current, now
         if _state(pending.group) == "CREATED":
             assert pending.plan is not None
             self._group, self.plan, self._replan = pending.group, pending.plan, None
             self._need = min(self._spec.replicas_min, pending.plan.replicas_now)
             self._recovering = True
+            log.info("new reservation placed after %.1f s: launching replicas",
+                     now - pending.since)
             self.launch()
         elif now - pending.asked_at > PLACEMENT_WAIT_S:  # taken meanwhile: plan again
             remove_placement_group(pending.group)
