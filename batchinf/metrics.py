@@ -13,6 +13,9 @@ Ray exports them from every process that records them, with its own ``ray_`` pre
     batchinf_serve_batch_size      histogram  model             requests per model call (serve)
     batchinf_drift_psi             gauge      job_id, measure   PSI against the previous night
 
+The busy share is set every few seconds while a job runs (``PredictorPool.report_busy``) and
+once more when it ends, so a dashboard shows an idle replica while it is idle.
+
 Nothing is created at import: metrics are made on first use, in the process that records them,
 and recording never fails a job (a process without Ray records nothing).
 """
@@ -76,6 +79,7 @@ def batch_done(job_id: str, model: str, rows: int, failed_by_kind: dict[str, int
 
 
 def replica_busy(job_id: str, replica: str, ratio: float) -> None:
+    """A replica's share of the job's processing time so far spent inside the model."""
     _record("batchinf_replica_busy_ratio", "set", ratio, {"job_id": job_id, "replica": replica})
 
 
