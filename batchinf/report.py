@@ -135,11 +135,11 @@ def figures(parts: Iterable[PartStats]) -> dict[str, Any]:
         for kind, uris in part.examples.items():
             kept = examples.setdefault(kind, [])
             kept.extend(uris[: EXAMPLES_KEPT - len(kept)])
-    ok = rows - failed
+    scored = sum(scores)
     return {
         "error_rate": round(failed / rows, 6) if rows else 0.0,
         "top1_classes": dict(sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))),
-        "top1_score_mean": round(sum(p.score_sum for p in parts) / ok, 6) if ok else None,
+        "top1_score_mean": round(sum(p.score_sum for p in parts) / scored, 6) if scored else None,
         "top1_score_histogram": {
             "edges": [round(i / SCORE_BINS, 4) for i in range(SCORE_BINS + 1)],
             "counts": scores[1:-1], "below": scores[0], "above": scores[-1],

@@ -9,6 +9,7 @@ error rows by kind with example URIs, and, with a baseline, the drift against it
 
 from __future__ import annotations
 
+import math
 from html import escape
 from typing import Any
 
@@ -80,14 +81,16 @@ def _figure(svg: str, caption: str) -> str:
 
 
 def _class_caption(s: dict[str, Any], drift: dict[str, Any] | None) -> str:
-    shown = min(CLASSES_SHOWN, len(s["top1_classes"]))
-    text = f"Share of ok rows by top-1 class; {shown} of {len(s['top1_classes'])} classes shown."
+    count = len(s["top1_classes"])
+    text = f"Share of ok rows by top-1 class; {count} classes this run"
+    text += f", the largest {CLASSES_SHOWN} shown." if count > CLASSES_SHOWN else "."
     return text + (f" Grey: {drift['against']}." if drift else "")
 
 
 def _score_caption(s: dict[str, Any], drift: dict[str, Any] | None) -> str:
     h = s["top1_score_histogram"]
-    text = f"Ok rows by top-1 score, bins of 0.05; below 0: {h['below']}, above 1: {h['above']}."
+    text = (f"Share of ok rows by top-1 score, bins of 0.05 over 0 to 1; {h['below']} rows "
+            f"below 0, {h['above']} above 1.")
     return text + (f" Grey outline: {drift['against']}." if drift else "")
 
 
@@ -124,32 +127,48 @@ def class_chart(classes: dict[str, int], baseline: dict[str, float] | None = Non
     return _svg(left + width + 120, 12 + len(labels) * row, "Top-1 class distribution", parts)
 
 
+def _slots(histogram: dict[str, Any]) -> list[float]:
+    """Each slot's share of the scored rows: below 0, the bins over [0, 1], above 1."""
+    slots = [histogram["below"], *histogram["counts"], histogram["above"]]
+    total = sum(slots) or 1
+    return [c / total for c in slots]
+
+
 def score_chart(histogram: dict[str, Any], baseline: dict[str, Any] | None = None) -> str:
-    """Vertical bars over the fixed score bins (the baseline's shares as a grey outline)."""
-    counts = histogram["counts"]
-    total = sum(counts) or 1
-    shares = [c / total for c in counts]
-    then = [c / (sum(baseline["counts"]) or 1) for c in baseline["counts"]] if baseline else []
-    top = max(shares + then) or 1.0
+    """Vertical bars over the fixed score bins, with a bar for scores below 0 and one for
+    scores above 1 when either run has any (the baseline's shares as a grey outline)."""
+    shares, then = _slots(histogram), _slots(baseline) if baseline else []
+    ends = any(s[0] or s[-1] for s in (shares, then) if s)
+    if not ends:
+        shares, then = shares[1:-1], then[1:-1]
+    top = nice_top(max(shares + then))
     left, bottom, width, height = 50, 190, 600, 170
-    step = width / len(counts)
+    step = width / len(shares)
     parts = _y_axis(left, bottom, width, height, top, "{:.0%}")
+    names = ["below 0", *(f"{histogram['edges'][i]:.2f}-{histogram['edges'][i + 1]:.2f}"
+                          for i in range(len(histogram["counts"]))), "above 1"]
+    names = names if ends else names[1:-1]
     for i, share in enumerate(shares):
         h = height * share / top
         parts.append(f'<rect class="bar" x="{left + i * step + 1:.1f}" y="{bottom - h:.1f}" '
                      f'width="{step - 2:.1f}" height="{h:.1f}" fill="{BAR}"><title>'
-                     f'{histogram["edges"][i]:.2f}-{histogram["edges"][i + 1]:.2f}: {counts[i]}'
-                     f'</title></rect>')
+                     f'{names[i]}: {share:.1%}</title></rect>')
     if then:
         path = " ".join(f"L{left + i * step:.1f},{bottom - height * s / top:.1f} "
                         f"L{left + (i + 1) * step:.1f},{bottom - height * s / top:.1f}"
                         for i, s in enumerate(then))
         parts.append(f'<path class="base" d="M{left},{bottom} {path} L{left + width},{bottom}" '
                      f'fill="none" stroke="#6b7480" stroke-width="1.5"/>')
+    first = left + (step if ends else 0)
+    inner = step * len(histogram["counts"])
     for tick in (0, 0.25, 0.5, 0.75, 1.0):
-        x = left + width * tick
-        parts.append(f'<text x="{x:.1f}" y="{bottom + 16}" text-anchor="middle">{tick:g}</text>')
-    return _svg(left + width + 20, bottom + 24, "Top-1 score histogram", parts)
+        parts.append(f'<text x="{first + inner * tick:.1f}" y="{bottom + 16}" '
+                     f'text-anchor="middle">{tick:g}</text>')
+    if ends:
+        parts.append(f'<text x="{left + step / 2:.1f}" y="{bottom + 30}" text-anchor="middle">'
+                     f'&lt;0</text><text x="{left + width - step / 2:.1f}" y="{bottom + 30}" '
+                     f'text-anchor="middle">&gt;1</text>')
+    return _svg(left + width + 20, bottom + 36, "Top-1 score histogram", parts)
 
 
 def speed_chart(throughput: dict[str, Any]) -> str:
@@ -159,28 +178,40 @@ def speed_chart(throughput: dict[str, Any]) -> str:
         return _empty("no timed parts")
     window = throughput["window_s"] or 1.0
     left, bottom, width, height = 60, 190, 590, 170
-    top = max(rates) or 1.0
+    top = nice_top(max(rates))
     points = [(0.0, 0.0)]
     for i, rate in enumerate(rates):  # a step per window: the rate held over it
         points += [(i * window, rate), ((i + 1) * window, rate)]
     span = len(rates) * window
     xy = [(left + width * t / span, bottom - height * r / top) for t, r in points]
     line = " ".join(f"{x:.1f},{y:.1f}" for x, y in xy)
-    parts = _y_axis(left, bottom, width, height, top, "{:.0f}")
+    parts = _y_axis(left, bottom, width, height, top, "{:g}")
     parts.append(f'<polygon class="area" points="{line} {left + width},{bottom}" '
                  f'fill="{LINE}" fill-opacity="0.18"/>')
     parts.append(f'<polyline class="line" points="{line}" fill="none" stroke="{LINE}" '
                  f'stroke-width="2"/>')
+    every = nice_top(span) / 4
     for tick in range(5):
-        x = left + width * tick / 4
-        parts.append(f'<text x="{x:.1f}" y="{bottom + 16}" text-anchor="middle">'
-                     f'{span * tick / 4:.0f} s</text>')
+        if every * tick <= span * 1.0001:
+            x = left + width * every * tick / span
+            parts.append(f'<text x="{x:.1f}" y="{bottom + 16}" text-anchor="middle">'
+                         f'{every * tick:g} s</text>')
     return _svg(left + width + 20, bottom + 24, "Images per second over the run", parts)
+
+
+def nice_top(value: float) -> float:
+    """The axis top at or above ``value`` whose quarters are round numbers (8 -> 8, 26 -> 32)."""
+    if value <= 0:
+        return 1.0
+    power = 10 ** math.floor(math.log10(value / 4))
+    step = next(m * power for m in (1, 1.5, 2, 2.5, 3, 4, 5, 6, 8, 10) if m * power * 4 >= value)
+    return float(step * 4)
 
 
 def _y_axis(left: float, bottom: float, width: float, height: float, top: float,
             fmt: str) -> list[str]:
-    parts = [f'<line x1="{left}" y1="{bottom}" x2="{left + width}" y2="{bottom}" stroke="#8c959f"/>']
+    parts = [f'<line x1="{left}" y1="{bottom}" x2="{left + width}" y2="{bottom}" stroke="#8c959f"/>',
+             f'<text x="{left - 6}" y="{bottom + 4}" text-anchor="end">0</text>']
     for tick in range(1, 5):
         y = bottom - height * tick / 4
         parts.append(f'<line x1="{left}" y1="{y:.1f}" x2="{left + width}" y2="{y:.1f}" '

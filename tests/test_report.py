@@ -39,7 +39,7 @@ def night(folder: Any, colours: list[tuple[int, int, int]], missing: int = 0) ->
 
 
 def run_night(store: JobStore, tmp_path: Any, day: str, colours: list, model: str,
-              limit: float | None = 0.2) -> Any:
+              limit: float = 0.2) -> Any:
     folder = tmp_path / day
     spec = JobSpec(night(folder, colours), model, str(folder / "out"), batch_size=4,
                    shard_size=4, name="nightly", max_drift_psi=limit)
@@ -135,17 +135,25 @@ def test_the_previous_night_is_the_newest_succeeded_job_of_the_same_spec(tmp_pat
     assert drift.previous_night(store, tonight).job_id == wanted
 
 
-def test_a_night_like_the_last_raises_nothing_and_a_drifted_one_alerts(ray_local, image_model, tmp_path) -> None:
-    store = JobStore.from_uri(str(tmp_path / "store"))
-    first = run_night(store, tmp_path, "2026-11-20", LAST_NIGHT, image_model)
-    same = run_night(store, tmp_path, "2026-11-21", LAST_NIGHT[::-1], image_model)
+@pytest.fixture(scope="module")
+def nights(ray_local: Any, image_model: str, tmp_path_factory: Any) -> tuple[JobStore, Any, Any, Any]:
+    """Three nights of one spec (alert over PSI 0.2): a first, one like it, a drifted one."""
+    folder = tmp_path_factory.mktemp("nights")
+    store = JobStore.from_uri(str(folder / "store"))
+    first = run_night(store, folder, "2026-11-20", LAST_NIGHT, image_model)
+    same = run_night(store, folder, "2026-11-21", LAST_NIGHT[::-1], image_model)
+    drifted = run_night(store, folder, "2026-11-22", DRIFTED, image_model)
+    return store, first, same, drifted
+
+
+def test_a_night_like_the_last_raises_nothing_and_a_drifted_one_alerts(nights) -> None:
+    store, first, same, drifted = nights
     assert first.summary.get("drift") is None and first.drift_alert is None
     assert same.state is JobState.SUCCEEDED and same.drift_alert is None
     assert same.summary["drift"]["against"] == first.job_id
     assert same.summary["drift"]["top1_class_psi"] == pytest.approx(0.0, abs=1e-9)
     assert cli("wait", same.job_id, store=store).returncode == 0
 
-    drifted = run_night(store, tmp_path, "2026-11-22", DRIFTED, image_model)
     assert drifted.state is JobState.SUCCEEDED
     assert drifted.drift_alert["measure"] == "top1_class_psi" and drifted.drift_alert["limit"] == 0.2
     assert drifted.drift_alert["against"] == same.job_id and drifted.drift_alert["value"] > 0.2
@@ -160,19 +168,17 @@ def test_a_night_like_the_last_raises_nothing_and_a_drifted_one_alerts(ray_local
         f"{drifted.drift_alert['value']:.3f} over the limit 0.2 (against {same.job_id})"]
 
 
-def test_report_compares_with_any_job_and_prints_json(ray_local, image_model, tmp_path) -> None:
-    store = JobStore.from_uri(str(tmp_path / "store"))
-    first = run_night(store, tmp_path, "2026-11-20", LAST_NIGHT, image_model, limit=None)
-    other = run_night(store, tmp_path, "2026-11-21", DRIFTED, image_model, limit=None)
+def test_report_compares_with_any_job_and_prints_json(nights, tmp_path) -> None:
+    store, first, _, other = nights
     page = str(tmp_path / "page.html")
     shown = cli("report", other.job_id, "--against", first.job_id, "--json", "--html", page,
                 store=store)
     data = json.loads(shown.stdout)
-    assert data["drift"]["against"] == first.job_id and data["drift"]["alert"] is None
+    assert data["drift"]["against"] == first.job_id and data["drift"]["alert"]["limit"] == 0.2
     with open(page, encoding="utf-8") as f:
         assert data["report"] == page and "Drift against" in f.read()
-    text = cli("report", other.job_id, store=store).stdout
-    assert "top-1 classes (3)" in text and f"drift against {first.job_id}" in text
+    text = cli("report", other.job_id, store=store).stdout  # its own baseline: the night before
+    assert "top-1 classes (3)" in text and f"drift against {nights[2].job_id}" in text
 
 
 def _chromium() -> str:
@@ -185,7 +191,7 @@ def test_the_report_page_renders_its_plots_in_a_browser(tmp_path) -> None:
     """Chromium draws each plot: its bars, outline and line show in their own colours."""
     from PIL import Image
 
-    summary = {"job_id": "bi-night", "output": "s3://b/out/", "rows_total": 120, "rows_ok": 110,
+    summary = {"job_id": "bi-night", "output": "s3://b/out/", "rows_total": 180, "rows_ok": 170,
                "rows_failed": 10, "errors_by_kind": {"not_found": 7, "corrupt_image": 3},
                "seconds": 12.0, "images_per_s": 10.0}
     now = report.count_rows(0, {"top1_label": ["blue"] * 80 + ["red"] * 30 + [None] * 10,
@@ -193,7 +199,9 @@ def test_the_report_page_renders_its_plots_in_a_browser(tmp_path) -> None:
                                 "error_kind": [None] * 110 + ["not_found"] * 7 + ["corrupt_image"] * 3,
                                 "uri": [f"s3://b/i/{i}.jpg" for i in range(120)]},
                             committed_at=1000.0, attempt_started_at=990.0)
-    later = report.PartStats(1, rows=60, committed_at=1004.0, attempt_started_at=990.0)
+    later = report.count_rows(1, {"top1_label": ["blue"] * 60, "top1_score": [0.97] * 60,
+                                  "error_kind": [None] * 60}, committed_at=1004.0,
+                              attempt_started_at=990.0)
     summary |= report.figures([now, later])
     then = {"top1_classes": {"red": 70, "blue": 40}, "error_rate": 0.02, "top1_score_mean": 0.8,
             "top1_score_histogram": report.figures([report.count_rows(0, {
@@ -212,7 +220,7 @@ def test_the_report_page_renders_its_plots_in_a_browser(tmp_path) -> None:
     assert dom.count("<svg") == 3 and dom.count('class="bar"') >= 20 + 2
     subprocess.run([*browser, f"--screenshot={shot}", "--window-size=1000,2200", f"file://{page}"],
                    capture_output=True, timeout=120, check=True)
-    pixels = Counter(Image.open(shot).convert("RGB").getdata())
+    pixels = Counter(Image.open(shot).convert("RGB").get_flattened_data())
     assert pixels[(0x3B, 0x6E, 0xA8)] > 2000  # class and score bars
     assert pixels[(0xA9, 0xB1, 0xBB)] > 200  # the baseline's class bars
     assert sum(n for rgb, n in pixels.items() if _near(rgb, (0x2F, 0x8F, 0x5B))) > 300  # speed line
