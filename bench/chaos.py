@@ -43,7 +43,7 @@ KNOBS = {
     "BATCHINF_RETRY_DELAY": "1",  # first delay before a crashed attempt is retried
     "BATCHINF_LAUNCH_BACKOFF": "2",  # refused launches: 2, 4, 8, 16 s; windows stay under 30 s
     "BATCHINF_LAUNCH_REFUSALS": "5",
-    "BATCHINF_REPLICA_LOSS_TIMEOUT": "30",
+    "BATCHINF_REPLICA_LOSS_TIMEOUT": "120",  # a replica restarted on a busy machine takes long
     "BATCHINF_STALL_TIMEOUT": "180",
     "BATCHINF_NODE_TYPES": '[{"CPU": 2}]',  # what an autoscaler could add: nodes like the workers
 }
@@ -167,15 +167,17 @@ def _await_recovery(rig: Rig, fault: Fault, timeout_s: float) -> None:
     """Until a job the fault hit commits its next part (the recovery), or they all end."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        seen = rig.first_part_after(fault.affected, fault.at)
+        seen = rig.first_part_after(fault.affected, fault.before)
         if seen is not None:
-            fault.recovery_s = round(seen - fault.at, 2)
+            fault.recovery_s = round(max(0.0, seen - fault.at), 2)
             return
         if all(rig.job(j).state.terminal for j in fault.affected):
             time.sleep(1.0)  # the watcher's last look at their outputs
-            seen = rig.first_part_after(fault.affected, fault.at)
-            fault.recovery_s = None if seen is None else round(seen - fault.at, 2)
-            fault.note = (fault.note + "; " if fault.note else "") + "no part after it: job ended"
+            seen = rig.first_part_after(fault.affected, fault.before)
+            if seen is None:
+                fault.note = (fault.note + "; " if fault.note else "") + "no part after it: job ended"
+            else:
+                fault.recovery_s = round(max(0.0, seen - fault.at), 2)
             return
         time.sleep(0.25)
     fault.note = (fault.note + "; " if fault.note else "") + f"no part within {timeout_s:.0f} s"

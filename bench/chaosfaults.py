@@ -40,6 +40,13 @@ class Fault:
     note: str = ""
     recovery_s: float | None = None
     restore: Callable[[], None] | None = field(default=None, repr=False)
+    before: set[tuple[str, str]] = field(default_factory=set, repr=False)  # parts there already
+
+    @classmethod
+    def now(cls, rig: Rig, kind: str, target: str, affected: list[str], **more: Any) -> Fault:
+        """A fault about to be injected: the parts its jobs have now, then the time."""
+        before = rig.snapshot(affected)
+        return cls(kind, time.time(), target, affected, before=before, **more)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, "at": self.at, "target": self.target,
@@ -71,8 +78,9 @@ def replica_kill(rig: Rig, rng: random.Random) -> Fault | None:
     if not actors:
         return None
     actor = rng.choice(actors)
+    fault = Fault.now(rig, "replica-kill", actor["name"], [_job_of(actor["name"])])
     os.kill(actor["pid"], signal.SIGKILL)
-    return Fault("replica-kill", time.time(), actor["name"], [_job_of(actor["name"])])
+    return fault
 
 
 def node_kill(rig: Rig, rng: random.Random, spare: bool) -> Fault | None:
@@ -81,9 +89,8 @@ def node_kill(rig: Rig, rng: random.Random, spare: bool) -> Fault | None:
     if found is None:
         return None
     node, affected = found
+    fault = Fault.now(rig, "node-kill-spare" if spare else "node-kill", node.node_id[:12], affected)
     rig.cluster_or_fail().kill(node)
-    fault = Fault("node-kill-spare" if spare else "node-kill", time.time(), node.node_id[:12],
-                  affected)
     if spare:
         time.sleep(5)
         rig.add_worker()
@@ -101,8 +108,8 @@ def node_cut(rig: Rig, rng: random.Random) -> Fault | None:
     if found is None:
         return None
     node, affected = found
+    fault = Fault.now(rig, "node-cut", node.node_id[:12], affected)
     rig.net.cut(node.netns)
-    fault = Fault("node-cut", time.time(), node.node_id[:12], affected)
 
     def restore() -> None:
         rig.cluster_or_fail().kill(node)
@@ -121,8 +128,9 @@ def driver_kill(rig: Rig, rng: random.Random) -> Fault | None:
     pid = int(job.runner["pid"])  # type: ignore[index]
     if not (rig.owns(pid) and process_is(pid, "batchinf.cli", "run", job.job_id)):
         return None
+    fault = Fault.now(rig, "driver-kill", f"{job.job_id} pid {pid}", [job.job_id])
     os.kill(pid, signal.SIGKILL)
-    return Fault("driver-kill", time.time(), f"{job.job_id} pid {pid}", [job.job_id])
+    return fault
 
 
 def dispatcher_kill(rig: Rig, rng: random.Random) -> Fault | None:
@@ -130,8 +138,11 @@ def dispatcher_kill(rig: Rig, rng: random.Random) -> Fault | None:
     jobs = mid_job(rig)
     if not jobs:
         return None
-    pid = rig.kill_dispatcher()
-    return Fault("dispatcher-kill", time.time(), f"pid {pid}", [j.job_id for j in running(rig)])
+    assert rig.dispatcher is not None
+    fault = Fault.now(rig, "dispatcher-kill", f"pid {rig.dispatcher.pid}",
+                      [j.job_id for j in running(rig)])
+    rig.kill_dispatcher()
+    return fault
 
 
 def cluster_kill(rig: Rig, rng: random.Random) -> Fault | None:
@@ -139,10 +150,10 @@ def cluster_kill(rig: Rig, rng: random.Random) -> Fault | None:
     jobs = running(rig)
     if not mid_job(rig) or any(j.attempt >= MAX_ATTEMPTS for j in jobs):
         return None
-    at = time.time()
+    fault = Fault.now(rig, "cluster-kill", "head + workers + dispatcher", [j.job_id for j in jobs])
     rig.replace_cluster()
-    return Fault("cluster-kill", at, "head + workers + dispatcher", [j.job_id for j in jobs],
-                 note=f"new cluster up after {time.time() - at:.0f} s")
+    fault.note = f"new cluster up after {time.time() - fault.at:.0f} s"
+    return fault
 
 
 def launch_refused(rig: Rig, rng: random.Random, window_s: float = 0.0,
@@ -166,7 +177,9 @@ def launch_refused(rig: Rig, rng: random.Random, window_s: float = 0.0,
         return None
     at, submission = proxy.refused[seen]
     job_id = submission.rsplit("-a", 1)[0]
-    return Fault("launch-refused", at, submission, [job_id], note=f"window {window:.1f} s")
+    fault = Fault.now(rig, "launch-refused", submission, [job_id], note=f"window {window:.1f} s")
+    fault.at = at  # the first refusal; the job had no part since, being queued
+    return fault
 
 
 def s3_faults(rig: Rig, rng: random.Random, window_s: float = 0.0) -> Fault | None:
@@ -177,8 +190,8 @@ def s3_faults(rig: Rig, rng: random.Random, window_s: float = 0.0) -> Fault | No
         return None
     window = window_s or rng.uniform(8.0, 15.0)
     before = dict(rig.s3_proxy.counts)
+    fault = Fault.now(rig, "s3-faults", f"{window:.0f} s window", [j.job_id for j in jobs])
     rig.s3_proxy.rates = dict(S3_RATES)
-    fault = Fault("s3-faults", time.time(), f"{window:.0f} s window", [j.job_id for j in jobs])
 
     def close_window() -> None:
         time.sleep(window)

@@ -328,10 +328,21 @@ class Rig:
             return pq.read_table(io.BytesIO(body))
         return pq.read_table(os.path.join(job.output, part))
 
-    def first_part_after(self, job_ids: list[str], after: float) -> float | None:
-        """When the first part of any of ``job_ids`` appeared after ``after``; None if none yet."""
+    def snapshot(self, job_ids: list[str]) -> set[tuple[str, str]]:
+        """The parts of ``job_ids`` there now (noted as seen), listed right before a fault:
+        any other part of theirs was committed after it, whenever the watcher sees it."""
+        now = time.time()
+        there = {(job.job_id, name) for job in self.jobs if job.job_id in job_ids
+                 for name in self.parts(job)}
         with self._lock:
-            times = [t for (job_id, _), t in self.first_seen.items() if job_id in job_ids and t > after]
+            for key in there:
+                self.first_seen.setdefault(key, now)
+        return there
+
+    def first_part_after(self, job_ids: list[str], before: set[tuple[str, str]]) -> float | None:
+        """When the watcher first saw a part of ``job_ids`` not in ``before``; None if none yet."""
+        with self._lock:
+            times = [t for key, t in self.first_seen.items() if key[0] in job_ids and key not in before]
         return min(times) if times else None
 
     def _watch(self) -> None:
