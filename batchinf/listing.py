@@ -159,6 +159,7 @@ class ListingRows:
 
     def _row(self, item: storage.Listed) -> tuple[Any, ...]:
         when = item.last_modified.astimezone(datetime.UTC)
+        when = when.replace(microsecond=when.microsecond // 1000 * 1000)  # as frozen: ms
         row = (item.uri, item.size, when)
         return (*row, item.etag) if storage.is_s3(self.prefix) else row
 

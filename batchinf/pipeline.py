@@ -105,8 +105,10 @@ class JobRunner:
         spec = self.spec
         source = resolve_model(spec.model, spec.model_version)
         info = inspect(source)  # a model batchinf cannot feed, or wrong labels: no replica yet
-        columns = manifest.read_columns(spec.manifest)
-        progress = Progress(rows_total=manifest.count_rows(spec.manifest))
+        self._rows = manifest.open_manifest(spec.manifest, spec.include, output=spec.output,
+                                            job_id=self.job_id)
+        columns = self._rows.check()
+        progress = Progress(rows_total=self._rows.count())  # None: a listing, known at its end
         storage.check_writable(spec.output, f"_batchinf-write-check-{self.job_id}")  # no work yet
         committed = sink.committed_parts(spec.output)
         if storage.exists(storage.join(spec.output, sink.SUCCESS)) and not committed:
@@ -114,11 +116,12 @@ class JobRunner:
         sink.check_output_owner(spec.output, self.job_id, committed)
         self._count_committed(committed, progress)
         self._run_info = sink.RunInfo(self.job_id, source.name, source.version, source.labels)
-        self._budget = math.floor(spec.max_error_rate * progress.rows_total)
+        self._budget: int | None = None
         self._progress = progress
-        self._on_progress(progress)  # rows_total is known before anything is placed
+        self._known(progress.rows_total)
+        self._on_progress(progress)  # rows_total is known before anything is placed (or None)
         if progress.rows_total == 0:  # a header-only manifest: no replica, an empty output
-            sink.write_empty_part(spec.output, columns, self.job_id)
+            sink.write_empty_part(spec.output, columns, self.job_id, self._rows.types)
             summary = self._summary(source, columns, progress, None)
             self._report(summary)
             sink.write_success(spec.output, summary)
@@ -185,7 +188,8 @@ class JobRunner:
         size = self.spec.batch_size
         self._last_batch = time.monotonic()
         self._decoded: collections.deque[_Batch] = collections.deque()
-        for shard in manifest.iter_shards(self.spec.manifest, self.spec.shard_size):
+        for shard in self._rows.shards(self.spec.shard_size):
+            self._known(self._rows.total)
             if shard.index in committed:
                 continue
             uris = [_resolve(self.spec.manifest, uri) for uri in shard.uris]
@@ -201,10 +205,23 @@ class JobRunner:
                 self._decoded.append(batch)
                 self._prefetched += 0 if progress.processing else 1
                 self._dispatch(pool, progress)
+        self._known(self._rows.total)  # a listing's rows are all known now
         while self._in_flight or self._decoded:
             if self._collect(pool, progress):
                 return True
         return False
+
+    def _known(self, total: int | None) -> None:
+        """The rows in all, once known: the error budget follows from them. While a listing
+        goes on there is no budget to spend (any share of an unknown total could be within
+        it); the listed rows so far go to the progress instead."""
+        progress = self._progress
+        progress.rows_listed = getattr(self._rows, "listed", 0)
+        if total is None or self._budget is not None:
+            return
+        progress.rows_total = total
+        self._budget = math.floor(self.spec.max_error_rate * total)
+        self._check_budget(progress)
 
     def _room(self, pool: PredictorPool) -> bool:
         """Whether another batch may start decoding now (not while the reservation that decode
@@ -349,7 +366,7 @@ class JobRunner:
             self._first_part_s = round(time.monotonic() - self._began, 3)
 
     def _check_budget(self, progress: Progress) -> None:
-        if progress.rows_failed > self._budget:
+        if self._budget is not None and progress.rows_failed > self._budget:
             raise JobFailed(
                 f"{progress.rows_failed} of {progress.rows_total} rows failed, over the error "
                 f"budget of {self._budget} (--max-error-rate {self.spec.max_error_rate})"
