@@ -304,7 +304,9 @@ def _next(job_store: Any, job_id: str) -> int:
     return int(job_store.get(job_id).attempt) + 1
 
 
-def _show_final(job: Any, as_json: bool) -> None:
+def _show_final(job: Any, as_json: bool, *, drift_exit: bool = True) -> None:
+    """Show how the job ended and exit with the code that says so (``drift_exit=False``: a
+    drift alert still exits 0, as a Ray job's entrypoint must for a job that succeeded)."""
     from batchinf.job import JobState
 
     if as_json:
@@ -322,7 +324,8 @@ def _show_final(job: Any, as_json: bool) -> None:
         from batchinf.drift import describe_alert
 
         typer.echo(f"batchinf: job {job.job_id} drifted: {describe_alert(job.drift_alert)}", err=True)
-        raise typer.Exit(EXIT_DRIFTED)
+        if drift_exit:
+            raise typer.Exit(EXIT_DRIFTED)
 
 
 def _describe(job: Any) -> str:
@@ -689,7 +692,7 @@ def run(
     job_store = JobStore.from_uri(store)
     with ProgressDisplay(job_id) as display:
         job = run_claimed(job_store, job_id, run_id, display.update)
-    _show_final(job, False)
+    _show_final(job, False, drift_exit=False)
 
 
 @app.command()

@@ -153,16 +153,17 @@ def throughput(parts: list[PartStats]) -> dict[str, Any]:
     """Images/s over the run: rows committed in each of up to ``THROUGHPUT_POINTS`` equal
     windows, from the first attempt's start to the last commit (a window with no commit, such
     as start-up or the gap before a resume, is 0)."""
-    timed = [p for p in parts if p.committed_at is not None]
+    timed = [(p.committed_at, p.attempt_started_at or p.committed_at, p.rows)
+             for p in parts if p.committed_at is not None]
     if not timed:
         return {"started_at": None, "window_s": None, "images_per_s": []}
-    start = min(p.attempt_started_at or p.committed_at for p in timed)  # type: ignore[type-var]
-    span = max(max(p.committed_at for p in timed) - start, 1e-3)  # type: ignore[type-var,operator]
+    start = min(began for _, began, _ in timed)
+    span = max(max(at for at, _, _ in timed) - start, 1e-3)
     windows = max(1, min(THROUGHPUT_POINTS, len(timed)))
     width = span / windows
     rows = [0] * windows
-    for part in timed:
-        rows[min(int((part.committed_at - start) / width), windows - 1)] += part.rows  # type: ignore[operator]
+    for at, _, count in timed:
+        rows[min(int((at - start) / width), windows - 1)] += count
     return {"started_at": start, "window_s": round(width, 3),
             "images_per_s": [round(r / width, 2) for r in rows]}
 
@@ -183,7 +184,7 @@ def read_summary(job_id: str, output: str) -> dict[str, Any]:
 
 
 def has_figures(summary: dict[str, Any] | None) -> bool:
-    return bool(summary) and "top1_classes" in summary  # type: ignore[operator]
+    return summary is not None and "top1_classes" in summary
 
 
 def describe(summary: dict[str, Any], top: int = 8) -> str:
