@@ -89,7 +89,8 @@ def _absolute(uri: str) -> str:
 def submit(
     manifest: Annotated[
         str,
-        typer.Argument(help="CSV with a 'uri' column (a path or s3:// URI), or a job spec "
+        typer.Argument(help="CSV, .jsonl or .parquet with a 'uri' column (a path or s3:// URI), "
+                       "a folder or s3://bucket/prefix/ whose images are listed, or a job spec "
                        "(jobs/*.yaml) whose options apply unless given here."),
     ],
     model: Annotated[str | None, typer.Option(help="Model folder (TF Serving layout or SavedModel).")] = None,
@@ -116,6 +117,11 @@ def submit(
         str | None,
         typer.Option(help="The only buckets the manifest's s3:// rows may name, B1[,B2]; other "
                      "rows get bad_uri [default: any the deployment allows]."),
+    ] = None,
+    include: Annotated[
+        list[str] | None,
+        typer.Option(help="A listed key (below the prefix) is a row if it matches this glob; "
+                     "repeatable [default: image extensions].")
     ] = None,
     model_version: Annotated[int | None, typer.Option(help="Model version [default: highest].")] = None,
     shard_size: Annotated[int | None, typer.Option(help="Rows per committed Parquet part [default: 1024].")] = None,
@@ -157,13 +163,14 @@ def submit(
         "model_version": model_version, "shard_size": shard_size,
         "max_error_rate": max_error_rate, "priority": priority,
         "idempotency_key": idempotency_key, "max_drift_psi": max_drift_psi,
+        "include": include or None,
     }
     spec = _build_spec(manifest, given, date)
-    from batchinf.manifest import read_columns
+    from batchinf.manifest import check
     from batchinf.model import resolve_model
     from batchinf.signature import inspect
 
-    read_columns(spec.manifest)  # a cron typo fails now, in one line, not in a queued job
+    check(spec.manifest, spec.include)  # a cron typo fails now, in one line, not in a queued job
     inspect(resolve_model(spec.model, spec.model_version))  # and a model it cannot feed
     address = None if address in (None, "", "local") else address
     if address is None:  # runs here, with this machine's files and credentials: check now
@@ -360,7 +367,7 @@ def _follow(job_store: Any, job_id: str, as_json: bool) -> None:
     with ProgressDisplay(job_id, quiet=as_json) as display:
         while True:
             job = job_store.get(job_id)
-            display.update(Snapshot(job.rows_total or 0, job.rows_done, job.rows_failed,
+            display.update(Snapshot(job.rows_total, job.rows_done, job.rows_failed,
                                     job.images_per_s or 0.0, waiting=_waiting_line(job)))
             if job.state.terminal:
                 break

@@ -118,3 +118,22 @@ def test_a_prefix_without_images_fails_before_any_replica(image_model, bucket, t
     storage.write_bytes(f"s3://{bucket}/docs/a.txt", b"x")
     with pytest.raises(ManifestError, match="no images"):
         run_job("job-none", JobSpec(f"s3://{bucket}/docs/", image_model, str(tmp_path / "out")))
+
+
+def test_submit_takes_a_listing_with_include_and_refuses_a_folder_without_images(
+        image_model, tmp_path):
+    from batchinf.store import JobStore
+    from tests.test_cli import cli_env, only_line, run_cli
+
+    write_solid_image(str(tmp_path / "in" / "a.png"), COLOURS[0])
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "a.txt").write_text("x")
+    env = cli_env(tmp_path, RAY_ADDRESS="http://127.0.0.1:9")  # queued for a cluster's dispatcher
+    common = ["--model", image_model, "--output", str(tmp_path / "out")]
+    done = run_cli("submit", str(tmp_path / "in") + "/", *common, "--include", "*.png",
+                   "--include", "*.PNG", env=env)
+    assert done.returncode == 0, done.stderr
+    spec = JobStore.from_uri(env["BATCHINF_STORE"]).list()[0].spec
+    assert spec.manifest == str(tmp_path / "in") and spec.include == ["*.png", "*.PNG"]
+    refused = run_cli("submit", str(tmp_path / "docs"), *common, env=env)
+    assert refused.returncode == 1 and "no images (jpg" in only_line(refused.stderr)
