@@ -146,3 +146,14 @@ def test_bad_jsonl_is_named_with_its_line(tmp_path, text, message):
     (tmp_path / "m.jsonl").write_text(text)
     with pytest.raises(ManifestError, match=message):
         manifest.count_rows(str(tmp_path / "m.jsonl"))
+
+
+def test_a_job_spec_names_a_dated_prefix_and_one_glob(tmp_path):
+    from batchinf import jobfile
+
+    (tmp_path / "nightly.yaml").write_text(
+        "name: photos\nmanifest: s3://cams/photos/{date}/\nmodel: m\noutput: o/{date}\n"
+        "include: '*.jpg'\n")
+    rendered = jobfile.load(str(tmp_path / "nightly.yaml"), "2026-11-21")
+    assert rendered["manifest"] == "s3://cams/photos/2026-11-21/"
+    assert rendered["include"] == ["*.jpg"]
