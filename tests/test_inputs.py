@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -57,10 +58,15 @@ def test_include_globs_replace_the_extension_filter(tmp_path, bucket):
         f"{prefix}{n}" for n in ("a.png", "b.png", "sub/notes.txt")]
 
 
-def test_a_listing_reads_page_after_page(bucket):
+def test_a_listing_reads_page_after_page_and_yields_a_shard_before_it_ends(bucket, tmp_path):
     names = [f"k/{i:05d}.jpg" for i in range(2100)]
-    rows = _rows(_prefix(bucket, names), shard_size=1000)
+    prefix, output = _prefix(bucket, names), tmp_path / "out"
+    shards = manifest.open_manifest(prefix, output=str(output), job_id="job-1").shards(1000)
+    first = next(shards)
+    assert len(first) == 1000 and os.listdir(output / "_listing") == ["part-00000.parquet"]
+    rows = [*first.rows, *(row for shard in shards for row in shard.rows)]
     assert [r[0].rsplit("/photos/", 1)[1] for r in rows] == names
+    assert (output / "_listing" / "_COMPLETE").exists()
 
 
 def test_a_prefix_without_images_is_one_clear_error(tmp_path, bucket):
