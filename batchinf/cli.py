@@ -140,6 +140,13 @@ def submit(
         typer.Option(help="A second submit with this key returns the first job [default for a "
                      "job spec: <name>-<date>]."),
     ] = None,
+    incremental: Annotated[
+        bool | None,
+        typer.Option("--incremental/--all-rows",
+                     help="Score only rows that earlier nights of the same spec (or idempotency "
+                     "key name) did not score without error by this model version [default: "
+                     "the spec's incremental, else all rows]."),
+    ] = None,
     date: Annotated[
         str | None,
         typer.Option(help="The date a job spec's {date} stands for, YYYY-MM-DD [default: today]."),
@@ -163,7 +170,7 @@ def submit(
         "model_version": model_version, "shard_size": shard_size,
         "max_error_rate": max_error_rate, "priority": priority,
         "idempotency_key": idempotency_key, "max_drift_psi": max_drift_psi,
-        "include": include or None,
+        "include": include or None, "incremental": incremental,
     }
     spec = _build_spec(manifest, given, date)
     from batchinf.manifest import check
@@ -220,6 +227,8 @@ def _build_spec(source: str, given: dict[str, Any], date: str | None) -> Any:
         if not values.get(option):
             raise UsageError(f"missing --{option}: give it on the command line or in the job spec")
     low, high = parse_replicas(str(values.pop("replicas", 1)))
+    if values.get("incremental") and not values.get("name") and values.get("idempotency_key"):
+        values["name"] = key_name(str(values["idempotency_key"]))
     for option in ("manifest", "model", "output"):
         values[option] = _absolute(str(values[option]))
     try:
@@ -228,6 +237,14 @@ def _build_spec(source: str, given: dict[str, Any], date: str | None) -> Any:
         raise UsageError(f"bad job spec value: {exc}") from exc
     spec.validate()
     return spec
+
+
+def key_name(idempotency_key: str) -> str:
+    """The name an idempotency key gives its nights: the key less a trailing ``-YYYY-MM-DD``
+    (``nightly-2026-11-21`` -> ``nightly``)."""
+    import re
+
+    return re.sub(r"-\d{4}-\d{2}-\d{2}$", "", idempotency_key) or idempotency_key
 
 
 def _ensure_dispatcher(job_store: Any, address: str | None, *, start: bool) -> bool:

@@ -85,6 +85,7 @@ class JobSpec:
     name: str | None = None  # the job spec's name: drift compares a night with its previous one
     max_drift_psi: float | None = None  # a PSI over this against the previous night: an alert
     include: list[str] | None = None  # a listing's key globs; None: image extensions (listing.py)
+    incremental: bool = False  # score only rows earlier nights of ``name`` did not (ledger.py)
 
     def validate(self) -> None:
         """Reject a spec no run could honour; the message names the option."""
@@ -116,6 +117,11 @@ class JobSpec:
         if self.include is not None and not (isinstance(self.include, list) and all(
             isinstance(g, str) and g for g in self.include)):
             raise UsageError(f"--include takes glob patterns, got {self.include}")
+        if not isinstance(self.incremental, bool):
+            raise UsageError(f"incremental takes true or false, got {self.incremental!r}")
+        if self.incremental and not self.name:
+            raise UsageError("--incremental needs a job spec's name or an --idempotency-key "
+                             "(its nights share one ledger of what was scored)")
         if self.max_drift_psi is not None and not self.max_drift_psi > 0:
             raise UsageError(f"--max-drift-psi must be above 0, got {self.max_drift_psi}")
         if self.model_version is not None and self.model_version < 0:
