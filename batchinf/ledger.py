@@ -163,6 +163,24 @@ class Ledger:
             return False
         return True
 
+    def record_output(self, job_id: str, output: str, scored_at: float | None = None) -> bool:
+        """Add what a finished job wrote to ``output`` (its parts' rows: a night's rows only);
+        False if it was added before."""
+        from batchinf.sink import committed_parts
+
+        tables = []
+        for _, uri in sorted(committed_parts(output).items()):
+            part = pq.ParquetFile(io.BytesIO(storage.read_bytes(uri)))
+            present = set(part.schema_arrow.names)
+            wanted = [c for c in ("uri", *CONTENT_COLUMNS, "error", "top1_label", "top1_score",
+                                  "model_name", "model_version") if c in present]
+            table = part.read(columns=wanted)
+            tables.append(table.cast(pa.schema([_as_text(table.schema.field(c)) for c in wanted])))
+        if not tables:
+            return False
+        return self.record(job_id, pa.concat_tables(tables, promote_options="permissive"),
+                           scored_at)
+
     def compact(self, keep_last: int = 0) -> str | None:
         """Merge all files but the newest ``keep_last`` nights into one base file that keeps the
         newest row per (uri, model_name, model_version); the base's name, or None if there was
@@ -195,6 +213,11 @@ class Ledger:
             return SCHEMA.empty_table()
         table = pa.concat_tables(self._read(n, SCHEMA.names) for n in files)
         return newest_per_uri(table, by=("uri",))
+
+
+def _as_text(field: pa.Field) -> pa.Field:
+    """Content columns as text, so parts that typed them differently concatenate."""
+    return field.with_type(pa.string()) if field.name in CONTENT_COLUMNS else field
 
 
 def newest_per_uri(table: pa.Table, by: Sequence[str]) -> pa.Table:

@@ -69,3 +69,18 @@ def test_content_version_is_the_etag_else_size_and_time_else_empty():
     local = pa.table({"uri": ["a"], "size": [12], "last_modified": ["2026-12-01T00:00:00Z"]})
     assert content_versions(local).to_pylist() == ["12:2026-12-01T00:00:00Z"]
     assert content_versions(pa.table({"uri": ["a", "b"]})).to_pylist() == ["", ""]
+
+
+def test_a_finished_outputs_rows_are_added_once_with_their_content_versions(tmp_path):
+    import pyarrow.parquet as pq
+
+    output = tmp_path / "out"
+    output.mkdir()
+    for shard, (uris, sizes) in enumerate([(["a", "b"], [10, 20]), (["c"], [30])]):
+        table = night(uris, [""] * len(uris)).drop_columns(["etag", "size"])
+        table = table.append_column("size", pa.array(sizes, pa.int64()))
+        pq.write_table(table, output / f"part-{shard:05d}.parquet")
+    ledger = Ledger(str(tmp_path / "store"), "nightly")
+    assert ledger.record_output("bi-1", str(output)) and not ledger.record_output("bi-1", str(output))
+    scored = ledger.scored("mnv2", "2")
+    assert scored.contains(["a", "b", "c", "c"], ["10", "20", "30", "31"]).tolist() == [True, True, True, False]
