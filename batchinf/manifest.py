@@ -61,8 +61,11 @@ class Shard:
 class Rows(Protocol):
     """A manifest of any form, as its columns and a stream of shards."""
 
-    types: tuple[Any, ...] | None  # the columns' Arrow types; None: all text
     total: int | None  # rows in all, once known (a listing knows at its end)
+
+    @property
+    def types(self) -> tuple[Any, ...] | None:
+        """The columns' Arrow types; None: all text."""
 
     def check(self) -> tuple[str, ...]:
         """The columns, after checking that the manifest can give rows; ``ManifestError`` if not."""
