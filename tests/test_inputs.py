@@ -163,3 +163,13 @@ def test_a_job_spec_names_a_dated_prefix_and_one_glob(tmp_path):
     rendered = jobfile.load(str(tmp_path / "nightly.yaml"), "2026-11-21")
     assert rendered["manifest"] == "s3://cams/photos/2026-11-21/"
     assert rendered["include"] == ["*.jpg"]
+
+
+def test_progress_while_a_listing_goes_on_shows_no_total_and_no_eta():
+    from batchinf.display import log_line
+    from batchinf.progress import Progress
+
+    progress = Progress(rows_total=None, rows_done=512, rows_this_run=512, rows_listed=2048)
+    assert progress.eta_s is None
+    assert "512/? rows (2048 listed so far)" in log_line("job-1", progress)
+    assert "ETA ?" in log_line("job-1", progress)
