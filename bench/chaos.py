@@ -260,6 +260,20 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def code_version() -> dict[str, Any]:
+    """The commit the product ran from, and whether its files differed from it."""
+    import subprocess
+
+    import batchinf
+
+    folder = os.path.dirname(os.path.dirname(os.path.abspath(batchinf.__file__)))
+    git = ["git", "-C", folder]
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run([*git, "status", "--porcelain", "--", "batchinf"], capture_output=True,
+                           text=True)
+    return {"folder": folder, "commit": head.stdout.strip(), "changed": bool(dirty.stdout.strip())}
+
+
 def _pair(text: str, kind: type) -> tuple[Any, Any]:
     low, _, high = text.partition(":")
     return kind(low), kind(high or low)
@@ -292,6 +306,7 @@ def main(argv: list[str] | None = None) -> int:
                          timeout_s=args.timeout, netns=args.netns)
     result = run_chaos(config, args.work)
     result["command"] = " ".join(["python -m bench.chaos", *(argv or sys.argv[1:])])
+    result["code"] = code_version()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, time.strftime("chaos-%Y%m%d-%H%M%S.json", time.gmtime()))
     with open(path, "w", encoding="utf-8") as f:
