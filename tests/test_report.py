@@ -168,6 +168,20 @@ def test_a_night_like_the_last_raises_nothing_and_a_drifted_one_alerts(nights) -
         f"{drifted.drift_alert['value']:.3f} over the limit 0.2 (against {same.job_id})"]
 
 
+def test_the_psi_of_a_compared_night_reaches_the_metrics_endpoint(nights, ray_head) -> None:
+    from tests.conftest import until
+    from tests.test_metrics import sample, scrape
+
+    _, _, same, drifted = nights
+    url = f"http://127.0.0.1:{ray_head.metrics_port}/metrics"
+    text = until(lambda: (t := scrape(url)) and sample(
+        t, "ray_batchinf_drift_psi", job_id=drifted.job_id, measure="top1_class_psi") and t,
+        timeout=90, every=2)
+    assert sample(text, "ray_batchinf_drift_psi", job_id=drifted.job_id,
+                  measure="top1_class_psi") == pytest.approx(drifted.drift_alert["value"], rel=1e-3)
+    assert sample(text, "ray_batchinf_drift_psi", job_id=same.job_id, measure="top1_class_psi") == 0
+
+
 def test_report_compares_with_any_job_and_prints_json(nights, tmp_path) -> None:
     store, first, _, other = nights
     page = str(tmp_path / "page.html")
