@@ -124,6 +124,9 @@ class JobSpec:
                              "(its nights share one ledger of what was scored)")
         if self.max_drift_psi is not None and not self.max_drift_psi > 0:
             raise UsageError(f"--max-drift-psi must be above 0, got {self.max_drift_psi}")
+        if self.max_drift_psi is not None and not self.name:
+            raise UsageError("--max-drift-psi compares a night with the previous night of its job "
+                             "spec: submit a spec (jobs/*.yaml), whose name finds that night")
         if self.model_version is not None and self.model_version < 0:
             raise UsageError(f"--model-version must be a version number, got {self.model_version}")
 

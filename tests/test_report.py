@@ -77,6 +77,14 @@ def test_a_spec_drift_key_becomes_the_jobs_limit(tmp_path: Any) -> None:
     assert jobfile.job_options(rendered)["max_drift_psi"] == 0.2
 
 
+def test_a_drift_limit_without_a_spec_is_refused_at_submit(tmp_path: Any) -> None:
+    manifest = write_manifest(tmp_path / "m.csv", ["uri"], [["a.png"]])
+    refused = cli("submit", manifest, "--model", "m", "--output", "o", "--max-drift-psi", "0.2",
+                  store=JobStore.from_uri(str(tmp_path / "store")))
+    assert refused.returncode == 2
+    assert "submit a spec (jobs/*.yaml)" in refused.stderr
+
+
 def test_the_summary_counts_what_the_parquet_holds(ray_local, image_model, tmp_path) -> None:
     manifest = night(tmp_path, LAST_NIGHT, missing=2)
     output = str(tmp_path / "out")
