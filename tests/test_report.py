@@ -117,6 +117,27 @@ def test_a_resumed_job_reports_over_the_parts_of_its_earlier_attempt(ray_local, 
         pytest.approx(8, rel=0.01))  # part 0 has no commit time any more: parts 1 and 2 are timed
 
 
+def test_an_s3_part_without_its_sidecar_is_counted_from_its_columns(bucket) -> None:
+    import io
+
+    import pyarrow as pa
+
+    output = f"s3://{bucket}/out/"
+    table = pa.table({"uri": ["a.png", "b.png", "c.png"], "top1_label": ["red", None, "red"],
+                      "top1_score": pa.array([0.5, None, 1.5], pa.float32()),
+                      "error_kind": [None, "not_found", None]})
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    storage.write_bytes(f"{output}part-00000.parquet", buffer.getvalue())
+    counted = report.read_summary("job-x", output)
+    assert counted["top1_classes"] == {"red": 2} and counted["errors_by_kind"] == {"not_found": 1}
+    assert counted["error_examples"] == {"not_found": ["b.png"]}
+    assert (counted["top1_score_histogram"]["counts"][10], counted["top1_score_histogram"]["above"]) == (1, 1)
+    report.write_stats(output, report.count_table(0, table, None))
+    assert storage.list_names(f"{output}_stats") == ["part-00000.json"]
+    assert report.read_summary("job-x", output)["top1_classes"] == {"red": 2}
+
+
 def test_the_previous_night_is_the_newest_succeeded_job_of_the_same_spec(tmp_path) -> None:
     store = JobStore.from_uri(str(tmp_path / "store"))
     made = []
