@@ -138,7 +138,7 @@ def figures(parts: Iterable[PartStats]) -> dict[str, Any]:
     scored = sum(scores)
     return {
         "error_rate": round(failed / rows, 6) if rows else 0.0,
-        "top1_classes": dict(sorted(classes.items(), key=lambda kv: (-kv[1], kv[0]))),
+        "top1_classes": by_count(classes),
         "top1_score_mean": round(sum(p.score_sum for p in parts) / scored, 6) if scored else None,
         "top1_score_histogram": {
             "edges": [round(i / SCORE_BINS, 4) for i in range(SCORE_BINS + 1)],
@@ -147,6 +147,11 @@ def figures(parts: Iterable[PartStats]) -> dict[str, Any]:
         "error_examples": dict(sorted(examples.items())),
         "throughput": throughput(parts),
     }
+
+
+def by_count(classes: dict[str, int]) -> dict[str, int]:
+    """Classes largest first (a job record's JSON keeps its keys sorted by name)."""
+    return dict(sorted(classes.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 def throughput(parts: list[PartStats]) -> dict[str, Any]:
@@ -193,7 +198,7 @@ def describe(summary: dict[str, Any], top: int = 8) -> str:
     lines = [f"{summary.get('job_id', '?')}: {rows} rows, {summary.get('rows_failed', 0)} failed "
              f"(error rate {summary['error_rate']:.2%}), mean top-1 score "
              f"{_number(summary.get('top1_score_mean'))}"]
-    classes = summary["top1_classes"]
+    classes = by_count(summary["top1_classes"])
     ok = sum(classes.values()) or 1
     lines.append(f"  top-1 classes ({len(classes)}):")
     for label, count in list(classes.items())[:top]:
@@ -201,9 +206,8 @@ def describe(summary: dict[str, Any], top: int = 8) -> str:
     if len(classes) > top:
         lines.append(f"    ... {len(classes) - top} more")
     histogram = summary["top1_score_histogram"]
-    lines.append("  top-1 scores: " + " ".join(str(c) for c in histogram["counts"])
-                 + f"  (bins of {1 / SCORE_BINS:g} over 0..1; below {histogram['below']}, "
-                 f"above {histogram['above']})")
+    lines.append(f"  top-1 scores  0 {_spark(histogram['counts'])} 1  (bins of {1 / SCORE_BINS:g}; "
+                 f"{histogram['below']} rows below 0, {histogram['above']} above 1)")
     for kind, count in summary.get("errors_by_kind", {}).items():
         examples = ", ".join(summary.get("error_examples", {}).get(kind, []))
         lines.append(f"  errors {kind}: {count}" + (f" (e.g. {examples})" if examples else ""))
@@ -212,6 +216,12 @@ def describe(summary: dict[str, Any], top: int = 8) -> str:
         lines.append(f"  images/s over the run: peak {max(speed):.1f}, "
                      f"windows of {summary['throughput']['window_s']} s")
     return "\n".join(lines)
+
+
+def _spark(counts: list[int]) -> str:
+    """Counts as a line of block characters, the largest a full block (an empty bin a space)."""
+    top = max(counts) or 1
+    return "".join(" " if not c else "▁▂▃▄▅▆▇█"[min(7, int(8 * c / top))] for c in counts)
 
 
 def _number(value: float | None) -> str:

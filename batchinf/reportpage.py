@@ -104,10 +104,13 @@ def _speed_caption(s: dict[str, Any]) -> str:
 
 def class_chart(classes: dict[str, int], baseline: dict[str, float] | None = None) -> str:
     """Horizontal bars: each class's share of the ok rows (the baseline's shares as grey bars)."""
+    from batchinf.report import by_count
+
     total = sum(classes.values()) or 1
-    labels = list(classes)[:CLASSES_SHOWN]
+    labels = list(by_count(classes))[:CLASSES_SHOWN]
     if baseline:
-        labels += [k for k in baseline if k not in labels][: max(0, CLASSES_SHOWN - len(labels))]
+        largest = sorted(baseline, key=lambda k: (-baseline[k], k))
+        labels += [k for k in largest if k not in labels][: max(0, CLASSES_SHOWN - len(labels))]
     if not labels:
         return _empty("no ok rows")
     shares = [(classes.get(k, 0) / total, (baseline or {}).get(k, 0.0)) for k in labels]

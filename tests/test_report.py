@@ -222,6 +222,9 @@ def test_report_compares_with_any_job_and_prints_json(nights, tmp_path) -> None:
         assert data["report"] == page and "Drift against" in f.read()
     text = cli("report", other.job_id, store=store).stdout  # its own baseline: the night before
     assert "top-1 classes (3)" in text and f"drift against {nights[2].job_id}" in text
+    first_night = cli("report", first.job_id, "--html", page, store=store).stdout
+    shown = [line.split()[0] for line in first_night.splitlines() if line.startswith("    ")]
+    assert shown == ["red", "green", "blue"]  # largest first, though the record sorts its keys
 
 
 def _chromium() -> str:
