@@ -68,7 +68,8 @@ def _header(s: dict[str, Any]) -> str:
     if model:
         facts.append(f"model {model.get('name')} version {model.get('version')}")
     if s.get("seconds") is not None:
-        facts.append(f"{s.get('images_per_s')} images/s over {s.get('seconds')} s")
+        facts.append(f"{s.get('images_per_s')} images/s over {s.get('seconds')} s of processing "
+                     f"(after {s.get('startup_seconds', 0)} s of start-up)")
     mean = s.get("top1_score_mean")
     facts.append("mean top-1 score " + ("-" if mean is None else f"{mean:.4f}"))
     output = f"<div class=\"meta uri\">{escape(str(s['output']))}</div>" if s.get("output") else ""
