@@ -81,6 +81,7 @@ class Rig:
         self._closing = threading.Event()
         self._lock = threading.Lock()
         self._stack: list[Any] = []  # what close() stops, last first
+        self._supervising: threading.Thread | None = None
 
     # -- start and stop --------------------------------------------------------------------
 
@@ -121,13 +122,16 @@ class Rig:
         self.gate = LaunchGate(self.cluster_or_fail().jobs_address)
         self._stack.append(self.gate.close)
         self._supervise.set()
-        threading.Thread(target=self._supervisor, daemon=True).start()
+        self._supervising = threading.Thread(target=self._supervisor, daemon=True)
+        self._supervising.start()
         threading.Thread(target=self._watch, daemon=True).start()
 
     def close(self) -> None:
         """Stop everything this rig started, even after a failure halfway."""
         self._closing.set()
         self._supervise.clear()
+        if self._supervising is not None:  # so that it starts no dispatcher after this
+            self._supervising.join(timeout=30)
         self._stop_dispatcher()
         if self.cluster is not None:
             self.cluster.shutdown()

@@ -1,12 +1,14 @@
 """A short seeded chaos run (``bench/chaos.py``) on a real multi-node cluster: a few jobs on
 local files and on S3, a few faults of the kinds that cost seconds (a replica, a driver and the
-dispatcher killed, launches refused, S3 errors), and every row exactly once at the end."""
+dispatcher killed, launches refused, S3 errors), and every row exactly once at the end; then
+the run's own parts: its seeded schedule and the launch gate in front of the Jobs API."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from bench.chaos import ChaosConfig, run_chaos, table
+from bench.chaos import ChaosConfig, run_chaos, schedule, table
+from bench.chaosproxy import LaunchGate
 
 
 def test_a_short_chaos_run_loses_and_doubles_no_row(tmp_path: Any) -> None:
@@ -20,3 +22,50 @@ def test_a_short_chaos_run_loses_and_doubles_no_row(tmp_path: Any) -> None:
     assert totals["rows_lost"] == totals["rows_doubled"] == totals["error_rows"] == 0, table(result)
     assert totals["by_a_person"] == 0
     assert totals["faults"] >= 3, result["skipped"]  # most of the schedule landed mid-job
+
+
+def test_the_schedule_takes_every_kind_as_often_and_follows_the_seed() -> None:
+    import random
+
+    kinds = ("a", "b", "c")
+    order = schedule(kinds, 7, random.Random(1))
+    assert [order.count(k) for k in kinds] in ([3, 2, 2], [2, 3, 2], [2, 2, 3])
+    assert sorted(order[:3]) == sorted(order[3:6]) == list(kinds)
+    assert order == schedule(kinds, 7, random.Random(1))
+
+
+def test_the_launch_gate_refuses_launches_in_its_window_and_passes_the_rest() -> None:
+    import json
+    import threading
+    import time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    import requests
+
+    class Head(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"ok")
+
+        do_POST = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    head = ThreadingHTTPServer(("127.0.0.1", 0), Head)
+    threading.Thread(target=head.serve_forever, daemon=True).start()
+    gate = LaunchGate(f"http://127.0.0.1:{head.server_address[1]}")
+    try:
+        launch = json.dumps({"submission_id": "bi-x-a1"})
+        gate.arm(1.0)
+        assert requests.post(f"{gate.address}/api/jobs/", data=launch, timeout=10).status_code == 500
+        assert requests.get(f"{gate.address}/api/jobs/bi-x-a1", timeout=10).status_code == 200
+        time.sleep(1.2)
+        assert requests.post(f"{gate.address}/api/jobs/", data=launch, timeout=10).status_code == 200
+        assert [sid for _, sid in gate.refused] == ["bi-x-a1"] and gate.launches == 1
+    finally:
+        gate.close()
+        head.shutdown()
