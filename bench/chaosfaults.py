@@ -39,7 +39,7 @@ class Fault:
     affected: list[str]
     note: str = ""
     recovery_s: float | None = None
-    restore: Callable[[], None] | None = field(default=None, repr=False)
+    restore: Callable[[], object] | None = field(default=None, repr=False)
     before: set[tuple[str, str]] = field(default_factory=set, repr=False)  # parts there already
 
     @classmethod
@@ -96,7 +96,7 @@ def node_kill(rig: Rig, rng: random.Random, spare: bool) -> Fault | None:
         rig.add_worker()
         fault.note = "a spare node joined 5 s later"
     else:
-        fault.restore = rig.add_worker
+        fault.restore = rig.add_worker  # a node joins back, after the recovery was seen
     return fault
 
 

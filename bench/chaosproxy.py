@@ -90,7 +90,8 @@ def _handler(gate: LaunchGate) -> type[BaseHTTPRequestHandler]:
 
         def _forward(self, body: bytes) -> tuple[int, bytes, list[tuple[str, str]]]:
             target = urlsplit(gate.upstream)
-            upstream = http.client.HTTPConnection(target.hostname, target.port, timeout=120)
+            upstream = http.client.HTTPConnection(target.hostname or "127.0.0.1", target.port,
+                                                  timeout=120)
             try:
                 headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP}
                 headers["Content-Length"] = str(len(body))
