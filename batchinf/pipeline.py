@@ -153,7 +153,8 @@ class JobRunner:
                     metrics.replica_busy(self.job_id, number, seconds / max(progress.elapsed, 1e-9))
         finally:
             pool.stop()
-        summary = self._summary(source, columns, progress, reserved)
+        # The plan the job ended with: a lost node may have replaced the one it began with.
+        summary = self._summary(source, columns, progress, pool.plan or reserved)
         if cancelled:
             return JobResult(summary, cancelled=True)
         self._check_budget(progress)
@@ -296,9 +297,10 @@ class JobRunner:
         return False
 
     def _decode_lost(self, pool: PredictorPool) -> None:
-        """Decode again, in the new reservation, the waiting batches whose decode ran in a
-        replaced one and did not finish on a node that is still alive: a task bound to a
-        removed group may never end, and a result on a lost node is gone."""
+        """Once a replaced reservation's successor is placed, decode in it the waiting batches
+        whose decode ran in the old one and did not finish on a node still alive (a task bound
+        to a removed group may never end; a result on a lost node is gone), and those lost
+        meanwhile: their decode overlaps the new replicas' model load."""
         import ray
 
         if pool.generation == self._generation or pool.replanning:
@@ -306,17 +308,20 @@ class JobRunner:
         self._generation = pool.generation
         kept = pool.surviving([b.pixels for b in self._decoded if b.pixels is not None])
         for batch in self._decoded:
-            if batch.pixels is not None and batch.pixels not in kept:
-                with contextlib.suppress(Exception):  # its group is gone: nothing to cancel
-                    ray.cancel(batch.pixels)
+            if batch.pixels is None or batch.pixels not in kept:
+                if batch.pixels is not None:
+                    with contextlib.suppress(Exception):  # its group is gone: nothing to cancel
+                        ray.cancel(batch.pixels)
+                    self._redone += 1
                 batch.pixels = self._decode(batch.uris)
-                self._redone += 1
 
     def _redo(self, pool: PredictorPool, batch: _Batch, exc: BaseException) -> None:
-        """A batch was lost with its replica, node or decode task: send it again elsewhere.
+        """A batch was lost with its replica, node or decode task: decode it again, first in
+        line for the next ready replica (the job goes on with the others meanwhile).
 
         The replica predicts in its own process and turns bad rows into error rows, so a Ray
-        error here is the infrastructure's, never the data's: it adds no error row.
+        error here is the infrastructure's, never the data's: it adds no error row. While the
+        reservation is being replaced the batch waits undecoded (``_decode_lost``).
         """
         pool.lost(batch.actor)
         if batch.tries >= BATCH_TRIES:
@@ -325,13 +330,9 @@ class JobRunner:
             ) from exc
         self._redone += 1
         batch.tries += 1
-        while pool.pick() is None:
-            pool.refresh(timeout=1.0)
-            self._report_waiting(pool, self._progress)
-            if self._should_stop():
-                return
-        self._decode_lost(pool)
-        self._send(pool, batch)
+        batch.actor = None
+        batch.pixels = None if pool.replanning else self._decode(batch.uris)
+        self._decoded.appendleft(batch)
 
     def _report_waiting(self, pool: PredictorPool, progress: Progress) -> None:
         progress.waiting = pool.waiting_reason()

@@ -170,7 +170,9 @@ def replan(
     spec: JobSpec,
     replica: dict[str, float],
     node_types: Sequence[dict[str, float]] = (),
-) -> Plan:
+    *,
+    resize: bool = True,
+) -> Plan | None:
     """Plan a running job again on ``nodes`` (what is alive and free) after it lost some.
 
     Replicas keep the size ``replica`` they had, so a survivor's share of a node does not
@@ -178,6 +180,8 @@ def replan(
     (``replicas_max`` down to one), the others wait for room as ``MIN:MAX`` replicas do. Only
     when not even one fits at that size is the job planned afresh with ``replicas_min`` 1;
     ``node_types`` should then include the shapes of the lost nodes, which may come back.
+    Without ``resize`` that case is None instead: the caller may still see its own stopped
+    replicas' room as taken, and should ask again once that view has settled.
     """
     wanted_decode = _wanted_decode(spec)
     roomiest = max((n.cpus() for n in nodes), default=0.0)
@@ -187,6 +191,8 @@ def replan(
             found = _pack(nodes, dict(replica), count, wanted_decode, floor, free=True)
             if found is not None:
                 return _finish(found, spec, count)
+    if not resize:
+        return None
     return plan(nodes, dataclasses.replace(spec, replicas_min=1), node_types)
 
 

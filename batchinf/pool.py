@@ -49,6 +49,7 @@ REPLICA_LOSS_TIMEOUT_S = float(os.environ.get("BATCHINF_REPLICA_LOSS_TIMEOUT", "
 PLACEMENT_WAIT_S = 10.0  # a reservation not placed by then is re-planned from what is free
 REPLAN_AFTER_S = float(os.environ.get("BATCHINF_REPLAN_AFTER", "3"))  # Ray re-places in < 1 s
 WATCH_EVERY_S = 1.0  # how often the reservation's state is read while the job runs
+SETTLE_S = 5.0  # until then a re-plan keeps the replicas' size: stopped ones' room may show late
 BUSY_EVERY_S = 5.0  # how often each replica's busy share is exported while the job runs
 REPLICA_RESTARTS = 8
 NODE_ID_LABEL = "ray.io/node-id"
@@ -317,7 +318,11 @@ class PredictorPool:
         if pending.group is None:
             nodes, pending.nodes = pending.nodes or live_nodes(), None
             node_types = autoscaler_node_types() + self._shapes
-            current = replan(nodes, self._spec, self.plan.replica, node_types)
+            current = replan(nodes, self._spec, self.plan.replica, node_types,
+                             resize=now - pending.since > SETTLE_S)
+            if current is None:
+                pending.waiting = f"waiting for room for a replica of {describe(self.plan.replica)}"
+                return
             if current.replicas_now == 0:
                 pending.waiting = current.waiting
                 return

@@ -31,6 +31,7 @@ import signal
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -124,12 +125,14 @@ def schedule(kinds: tuple[str, ...], count: int, rng: random.Random) -> list[str
 
 def _inject(rig: Rig, config: ChaosConfig, rng: random.Random, faults: list[Fault],
             skipped: list[dict[str, Any]]) -> None:
+    """The schedule, fault after fault. A fault does not wait for the one before to recover,
+    but a job is not a target again until it has (``Rig.recovering``)."""
+    watchers = []
     for kind in schedule(config.kinds, config.faults, rng):
         time.sleep(rng.uniform(*config.gap_s))
         if rig.all_ended():
             skipped.append({"kind": kind, "why": "every job had ended"})
             continue
-        _say(f"{kind}: waiting for a target")
         fault = _land(rig, kind, rng, config.target_wait_s)
         if isinstance(fault, str):
             skipped.append({"kind": kind, "why": fault})
@@ -137,10 +140,26 @@ def _inject(rig: Rig, config: ChaosConfig, rng: random.Random, faults: list[Faul
             continue
         faults.append(fault)
         _say(f"{fault.kind} on {fault.target} (jobs {', '.join(fault.affected)})")
-        _await_recovery(rig, fault, config.recovery_timeout_s)
-        _say(f"{fault.kind}: next part after {fault.recovery_s} s {fault.note}")
-        if fault.restore is not None:
+        rig.hit(fault.affected)
+        watcher = threading.Thread(target=_recover, args=(rig, fault, config.recovery_timeout_s))
+        watcher.start()
+        watchers.append(watcher)
+    for watcher in watchers:
+        watcher.join()
+
+
+def _recover(rig: Rig, fault: Fault, timeout_s: float) -> None:
+    """Wait for the fault's recovery, free its jobs as targets, put the cluster back."""
+    try:
+        _await_recovery(rig, fault, timeout_s)
+        _say(f"{fault.kind} on {fault.target}: next part after {fault.recovery_s} s {fault.note}")
+    finally:
+        rig.recovered(fault.affected)
+    if fault.restore is not None:
+        try:
             fault.restore()
+        except Exception as exc:  # the harness's own trouble: say so, go on with the run
+            fault.note += f"; restoring failed: {exc}"
 
 
 def _say(text: str) -> None:

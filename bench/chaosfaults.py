@@ -54,7 +54,8 @@ class Fault:
 
 
 def mid_job(rig: Rig, spare_attempt: bool = False) -> list[Job]:
-    """Running jobs with rows done, most still to do, replicas up; sorted by id (seeded picks).
+    """Running jobs with rows done, most still to do, replicas up, not recovering from an
+    earlier fault; sorted by id (seeded picks).
 
     ``spare_attempt``: only those that have an attempt left after this one ends.
     """
@@ -63,7 +64,7 @@ def mid_job(rig: Rig, spare_attempt: bool = False) -> list[Job]:
         total = job.rows_total or 0
         if not (0 < job.rows_done < 0.8 * total) or job.waiting is not None:
             continue
-        if spare_attempt and job.attempt >= MAX_ATTEMPTS:
+        if spare_attempt and job.attempt >= MAX_ATTEMPTS or rig.is_recovering(job.job_id):
             continue
         fit.append(job)
     return sorted(fit, key=lambda j: j.job_id)
@@ -90,7 +91,7 @@ def node_kill(rig: Rig, rng: random.Random, spare: bool) -> Fault | None:
         return None
     node, affected = found
     fault = Fault.now(rig, "node-kill-spare" if spare else "node-kill", node.node_id[:12], affected)
-    rig.cluster_or_fail().kill(node)
+    rig.kill_node(node)
     if spare:
         time.sleep(5)
         rig.add_worker()
@@ -112,7 +113,7 @@ def node_cut(rig: Rig, rng: random.Random) -> Fault | None:
     rig.net.cut(node.netns)
 
     def restore() -> None:
-        rig.cluster_or_fail().kill(node)
+        rig.kill_node(node)
         rig.add_worker()
 
     fault.restore = restore
@@ -157,7 +158,7 @@ def cluster_kill(rig: Rig, rng: random.Random) -> Fault | None:
 
 
 def launch_refused(rig: Rig, rng: random.Random, window_s: float = 0.0,
-                   wait_s: float = 600.0) -> Fault | None:
+                   wait_s: float = 90.0) -> Fault | None:
     """Refuse launches at the Jobs API for ``window_s`` from the next launch on.
 
     The window opens at the next ``POST /api/jobs/``, so it always refuses at least one launch;

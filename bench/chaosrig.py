@@ -24,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -82,6 +83,8 @@ class Rig:
         self._lock = threading.Lock()
         self._stack: list[Any] = []  # what close() stops, last first
         self._supervising: threading.Thread | None = None
+        self.recovering: Counter[str] = Counter()  # jobs hit by faults not yet recovered from
+        self.cluster_lock = threading.RLock()  # one change of the cluster at a time
 
     # -- start and stop --------------------------------------------------------------------
 
@@ -173,24 +176,30 @@ class Rig:
             cluster.add_nodes(*[(self.config.worker_cpus, None)] * self.config.workers)
 
     def add_worker(self) -> Node:
-        cluster = self.cluster_or_fail()
-        if self.net:
-            name, address = self.net.add()
-            return cluster.add_node_in(name, address, self.config.worker_cpus)
-        return cluster.add_node(self.config.worker_cpus)
+        with self.cluster_lock:
+            cluster = self.cluster_or_fail()
+            if self.net:
+                name, address = self.net.add()
+                return cluster.add_node_in(name, address, self.config.worker_cpus)
+            return cluster.add_node(self.config.worker_cpus)
+
+    def kill_node(self, node: Node) -> None:
+        with self.cluster_lock:
+            self.cluster_or_fail().kill(node)
 
     def workers(self) -> list[Node]:
         return [n for n in self.cluster_or_fail().nodes if not n.head and not n.killed]
 
     def replace_cluster(self) -> None:
         """The whole cluster and the dispatcher lost; a new cluster and dispatcher started."""
-        self._supervise.clear()
-        self._stop_dispatcher(signal.SIGKILL)
-        self.cluster_or_fail().shutdown()
-        self.cluster = None
-        self.start_cluster()
-        self.gate.upstream = self.cluster_or_fail().jobs_address
-        self._supervise.set()
+        with self.cluster_lock:
+            self._supervise.clear()
+            self._stop_dispatcher(signal.SIGKILL)
+            self.cluster_or_fail().shutdown()
+            self.cluster = None
+            self.start_cluster()
+            self.gate.upstream = self.cluster_or_fail().jobs_address
+            self._supervise.set()
 
     def predictors(self) -> list[dict[str, Any]]:
         """Predictor actors as the state API lists them: name, pid, node_id, state."""
@@ -301,6 +310,18 @@ class Rig:
         with self._lock:
             self.jobs.append(chaos_job)
         return chaos_job
+
+    def hit(self, job_ids: list[str]) -> None:
+        with self._lock:
+            self.recovering.update(job_ids)
+
+    def recovered(self, job_ids: list[str]) -> None:
+        with self._lock:
+            self.recovering.subtract(job_ids)
+
+    def is_recovering(self, job_id: str) -> bool:
+        with self._lock:
+            return self.recovering[job_id] > 0
 
     def job(self, job_id: str) -> Job:
         return self.store.get(job_id)

@@ -77,3 +77,27 @@ def test_the_grafana_dashboard_charts_every_metric_and_only_those() -> None:
     charted = set(re.findall(r"\b(?:ray_)?(batchinf_[a-z_]+?)(?:_total|_bucket|_sum|_count)?\b", exprs))
     declared = set(re.findall(r'^    (batchinf_[a-z_]+) ', metrics.__doc__ or "", re.M))
     assert charted == declared and len(declared) == 8
+
+
+def test_replica_busy_share_is_exported_while_the_job_runs(
+    ray_local: Any, ray_head: Any, image_model: str, colour_images: Any, tmp_path: Any
+) -> None:
+    """Seen on the metrics endpoint before the job ends (then cancelled: no need to finish)."""
+    import threading
+
+    from tests.conftest import repeated_manifest
+
+    manifest = repeated_manifest(colour_images[0], 2000, tmp_path / "long.csv")
+    seen = threading.Event()
+    job = threading.Thread(target=run_job, args=(
+        "job-busy", JobSpec(manifest, image_model, str(tmp_path / "out"), batch_size=1)),
+        kwargs={"should_stop": seen.is_set})
+    job.start()
+    url = f"http://127.0.0.1:{ray_head.metrics_port}/metrics"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and job.is_alive() and not seen.is_set():
+        if sample(scrape(url), "ray_batchinf_replica_busy_ratio", job_id="job-busy") is not None:
+            seen.set()
+        time.sleep(2)
+    job.join(timeout=120)
+    assert seen.is_set(), "no busy share exported while the job ran"

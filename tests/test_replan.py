@@ -1,0 +1,283 @@
+"""Node loss on real multi-node clusters: a reservation that can no longer be placed whole is
+replaced by one that fits what is alive, and the job goes on within its attempt.
+
+Two clusters (``tests/cluster.py``), each shared by the tests of one class, as node losses
+and joins leave it for the next test:
+
+- a head with 1 CPU and a 1-CPU worker: lose the worker mid-job (and get one back), lose it
+  while the replicas load the model, lose it during the last shard;
+- a head with no CPUs and two 1-CPU workers: lose one, get one back, lose the other; then a
+  ``gpu_node`` worker that the job's replicas are pinned to: lose it and get one back.
+
+The dispatcher runs as its own process, as on a deployed cluster; a thread samples the job's
+record, so what ``status`` said while the job re-planned can be asserted afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow.parquet as pq
+import pytest
+
+from batchinf.job import Job, JobSpec, JobState
+from batchinf.progress import Progress
+from batchinf.store import JobStore
+from tests.cluster import LocalCluster, Node
+from tests.conftest import repeated_manifest, until, write_manifest
+from tests.models import write_solid_image
+
+KNOBS = {
+    "BATCHINF_RETRY_DELAY": "2",
+    "BATCHINF_REPLICA_LOSS_TIMEOUT": "180",  # the pinned node type's return is waited for
+    "BATCHINF_STALL_TIMEOUT": "600",  # a job that needed it would fail these tests' bounds
+    "BATCHINF_NODE_TYPES": "[]",  # no autoscaler: only nodes the tests add join
+}
+REPLANNING = "re-planning after a lost node"
+RECOVERY_BOUND_S = 90.0  # about 30 s when the machine is quiet; two cores shared with others
+
+
+@dataclass
+class Timeline:
+    """A job's record sampled from a thread: (seconds, rows done, waiting line)."""
+
+    store: JobStore
+    job_id: str
+    samples: list[tuple[float, int, str | None]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            job = self.store.get(self.job_id)
+            self.samples.append((time.monotonic(), job.rows_done, job.waiting))
+            if job.state.terminal:
+                return
+            time.sleep(0.25)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+    def waiting_since(self, since: float) -> list[str]:
+        return [w for t, _, w in self.samples if t >= since and w]
+
+    def recovery_s(self, lost_at: float) -> float:
+        """Seconds from the loss until rows moved again after the re-plan began."""
+        replanned = until(lambda: next((t for t, _, w in self.samples if t >= lost_at and
+                                        (w or "").startswith(REPLANNING)), None), timeout=120)
+        rows = next(r for t, r, _ in self.samples if t >= replanned)
+        moved = until(lambda: next((t for t, r, _ in self.samples if t > replanned and r > rows),
+                                   None), timeout=240)
+        if os.environ.get("BATCHINF_TEST_TIMELINE"):
+            last = None
+            for t, r, w in self.samples:
+                if t >= lost_at - 2 and (r, w) != last:
+                    print(f"  {t - lost_at:6.1f} s  {r:5d} rows  {w}")
+                    last = (r, w)
+        return moved - lost_at
+
+
+def dispatcher(cluster: LocalCluster, root: str) -> Iterator[JobStore]:
+    """A job store served by ``batchinf dispatcher`` running against ``cluster``."""
+    log = open(os.path.join(root, "dispatcher.log"), "wb")  # noqa: SIM115 - lives with the fixture
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchinf.cli", "dispatcher", "--address", cluster.jobs_address,
+         "--store", root, "--poll", "1"],
+        env={**cluster.client_env(), **KNOBS}, stdout=log, stderr=log,
+    )
+    yield JobStore.from_uri(root)
+    process.send_signal(signal.SIGTERM)
+    process.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory: pytest.TempPathFactory) -> str:
+    folder = tmp_path_factory.mktemp("replan-images")
+    rows = []
+    for i in range(100):
+        write_solid_image(str(folder / "img" / f"{i}.png"), (i % 256, 90, 30))
+        rows.append([str(folder / "img" / f"{i}.png"), str(i)])
+    return write_manifest(folder / "manifest.csv", ["uri", "n"], rows)
+
+
+def submit(store: JobStore, images: str, model: str, folder: Any, times: int, **kw: Any) -> Job:
+    manifest = repeated_manifest(images, times, folder / "long.csv")
+    job, _ = store.create(JobSpec(manifest, model, str(folder / "out"), **kw))
+    return job
+
+
+def finished(store: JobStore, job: Job, timeout: float = 420.0) -> Job:
+    return until(lambda: (j := store.get(job.job_id)).state.terminal and j, timeout)
+
+
+def exactly_once(done: Job, rows: int) -> None:
+    """Succeeded in its first attempt, every row once, no error row."""
+    assert done.state is JobState.SUCCEEDED and done.attempt == 1, (done.error, done.attempts)
+    got = pq.read_table(done.spec.output, columns=["n"]).column("n").to_pylist()
+    assert sorted(got, key=int) == [str(i) for i in range(rows)]
+    assert done.rows_failed == 0 and done.summary["errors_by_kind"] == {}
+
+
+def moving(store: JobStore, job: Job, rows: int) -> Job:
+    """Until the job has done ``rows`` rows and every replica takes work (nothing waits)."""
+    return until(lambda: (j := store.get(job.job_id)).rows_done >= rows and j.waiting is None
+                 and j, timeout=300)
+
+
+def lose(cluster: LocalCluster, node: Node) -> float:
+    cluster.kill(node)
+    return time.monotonic()
+
+
+@pytest.fixture(scope="class")
+def head_and_worker(s3_endpoint: str, tmp_path_factory: Any) -> Iterator[tuple[LocalCluster, JobStore]]:
+    with LocalCluster(env=KNOBS) as cluster:
+        cluster.start_head(num_cpus=1)
+        cluster.add_node(1)
+        yield from _with_store(cluster, tmp_path_factory)
+
+
+@pytest.fixture(scope="class")
+def cpu_less_head(s3_endpoint: str, tmp_path_factory: Any) -> Iterator[tuple[LocalCluster, JobStore]]:
+    with LocalCluster(env=KNOBS) as cluster:
+        cluster.start_head(num_cpus=0)
+        cluster.add_nodes((1, None), (1, None))
+        yield from _with_store(cluster, tmp_path_factory)
+
+
+def _with_store(cluster: LocalCluster, tmp_path_factory: Any) -> Iterator[tuple[LocalCluster, JobStore]]:
+    for store in dispatcher(cluster, str(tmp_path_factory.mktemp("replan-store"))):
+        yield cluster, store
+
+
+@pytest.fixture()
+def cluster(request: pytest.FixtureRequest) -> LocalCluster:
+    return request.getfixturevalue(request.cls.shape)[0]
+
+
+@pytest.fixture()
+def store(request: pytest.FixtureRequest) -> JobStore:
+    return request.getfixturevalue(request.cls.shape)[1]
+
+
+class TestAHeadWithCpusAndOneWorker:
+    shape = "head_and_worker"
+
+    def test_losing_the_worker_replans_on_the_head_and_goes_on_with_one_replica(
+        self, cluster: LocalCluster, store: JobStore, image_model: str, images: str, tmp_path: Any
+    ) -> None:
+        """The reported case: 2 replicas of 0.5 CPU; after the loss the head runs one."""
+        job = submit(store, images, image_model, tmp_path, 60, replicas_min=2, replicas_max=2,
+                     batch_size=2, shard_size=64)
+        timeline = Timeline(store, job.job_id)
+        moving(store, job, 128)
+        lost_at = lose(cluster, cluster.nodes[1])
+        recovery = timeline.recovery_s(lost_at)
+        print(f"\nhead 1 CPU + worker: rows move again {recovery:.1f} s after the loss")
+        assert recovery < RECOVERY_BOUND_S
+        done = finished(store, job)
+        timeline.stop()
+        exactly_once(done, 6000)
+        lines = timeline.waiting_since(lost_at)
+        assert any(w.startswith(f"{REPLANNING}: 0 of 2 replicas") for w in lines), lines
+        assert "waiting for 1 of 2 replicas: needs {'CPU': 0.5}" in lines  # the second, after
+        assert done.summary["resources"]["replicas_now"] == 1
+        cluster.add_node(1)  # for the next test
+
+    def test_a_worker_lost_while_the_replicas_load_the_model(
+        self, cluster: LocalCluster, store: JobStore, image_model: str, images: str, tmp_path: Any
+    ) -> None:
+        worker = next(n for n in cluster.nodes if not n.head and not n.killed)
+        job = submit(store, images, image_model, tmp_path, 6, replicas_min=2, replicas_max=2,
+                     batch_size=4, shard_size=64)
+        timeline = Timeline(store, job.job_id)
+        until(lambda: (store.get(job.job_id).waiting or "").startswith("starting replicas"))
+        lost_at = lose(cluster, worker)
+        assert store.get(job.job_id).rows_done == 0  # no replica held the model yet
+        print(f"\nloss during model load: rows move {timeline.recovery_s(lost_at):.1f} s after it")
+        done = finished(store, job)
+        timeline.stop()
+        exactly_once(done, 600)
+        cluster.add_node(1)  # for the next test
+
+    def test_a_worker_lost_during_the_last_shard(
+        self, cluster: LocalCluster, store: JobStore, image_model: str, images: str, tmp_path: Any
+    ) -> None:
+        worker = next(n for n in cluster.nodes if not n.head and not n.killed)
+        job = submit(store, images, image_model, tmp_path, 30, replicas_min=2, replicas_max=2,
+                     batch_size=1, shard_size=1000)
+        timeline = Timeline(store, job.job_id)
+        moving(store, job, 2050)  # the third and last shard has begun
+        lost_at = lose(cluster, worker)
+        assert store.get(job.job_id).rows_done < 3000
+        print(f"\nloss in the last shard: rows move {timeline.recovery_s(lost_at):.1f} s after it")
+        done = finished(store, job)
+        timeline.stop()
+        exactly_once(done, 3000)
+
+
+class TestACpuLessHeadAndTwoWorkers:
+    shape = "cpu_less_head"
+
+    def test_losing_either_worker_replans_on_the_other(
+        self, cluster: LocalCluster, store: JobStore, image_model: str, images: str, tmp_path: Any
+    ) -> None:
+        first, second = cluster.nodes[1:3]
+        job = submit(store, images, image_model, tmp_path, 80, replicas_min=2, replicas_max=2,
+                     batch_size=2, shard_size=64)
+        timeline = Timeline(store, job.job_id)
+        moving(store, job, 128)
+        lost_at = lose(cluster, first)
+        print(f"\nCPU-less head, first worker lost: rows move {timeline.recovery_s(lost_at):.1f} s after")
+        cluster.add_node(1)
+        rows = store.get(job.job_id).rows_done
+        moving(store, job, rows + 64)  # grown back to two replicas: a node joined
+        lost_at = lose(cluster, second)
+        assert store.get(job.job_id).rows_done < 8000  # the second loss was mid-job too
+        print(f"CPU-less head, second worker lost: rows move {timeline.recovery_s(lost_at):.1f} s after")
+        done = finished(store, job)
+        timeline.stop()
+        exactly_once(done, 8000)
+
+    def test_losing_the_pinned_node_type_waits_for_it_saying_so(
+        self, cluster: LocalCluster, store: JobStore, image_model: str, images: str, tmp_path: Any
+    ) -> None:
+        gpu = cluster.add_node(1, {"gpu_node": 1})
+        job = submit(store, images, image_model, tmp_path, 60, batch_size=2, shard_size=64,
+                     replica_resources={"gpu_node": 1.0})
+        timeline = Timeline(store, job.job_id)
+        moving(store, job, 128)
+        lost_at = lose(cluster, gpu)
+        waiting = until(lambda: (w := store.get(job.job_id).waiting or "").startswith(
+            f"{REPLANNING}: 0 of 1 replicas; waiting for") and w)
+        assert "{'CPU': 1.0, 'gpu_node': 1.0}" in waiting, waiting
+        cluster.add_node(1, {"gpu_node": 1})
+        print(f"\npinned node type lost, another added: rows move "
+              f"{timeline.recovery_s(lost_at):.1f} s after the loss")
+        done = finished(store, job)
+        timeline.stop()
+        exactly_once(done, 6000)
+
+
+def test_no_eta_while_re_planning_or_while_no_row_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    progress = Progress(rows_total=100, rows_done=10, rows_this_run=10)
+    progress.started -= 10
+    assert progress.eta_s is not None
+    progress.replanning = True
+    assert progress.eta_s is None
+    progress.replanning = False
+    monkeypatch.setattr("batchinf.progress.QUIET_AFTER_S", -1.0)
+    assert progress.eta_s is None
