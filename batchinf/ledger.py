@@ -69,6 +69,18 @@ def content_versions(table: pa.Table) -> pa.Array:
     return pc.binary_join_element_wise(*parts, ":").combine_chunks()
 
 
+def shard_contents(columns: Sequence[str], rows: Sequence[Sequence[object]],
+                   types: Sequence[pa.DataType] | None = None) -> list[str]:
+    """The content version of each manifest row, as ``content_versions`` gives it for the same
+    row once written to the output (the same Arrow types, so the same text)."""
+    present = {name: i for i, name in enumerate(columns) if name in CONTENT_COLUMNS}
+    table = pa.table({
+        name: pa.array([row[i] for row in rows], types[i] if types else pa.string())
+        for name, i in present.items()
+    }) if present else pa.table({"uri": pa.nulls(len(rows), pa.string())})
+    return content_versions(table).to_pylist()
+
+
 def digests(uris: Iterable[str | None], contents: Iterable[str | None]) -> np.ndarray:
     """An unsigned 64-bit digest of each (uri, content) pair (BLAKE2b, 8 bytes)."""
     out = [

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
+import json
 import logging
 import math
 import os
@@ -30,8 +32,17 @@ from typing import Any
 from batchinf import drift, manifest, metrics, report, sink, storage
 from batchinf.access import ReadPolicy
 from batchinf.decode import decode_batch
-from batchinf.errors import BatchinfError, InfrastructureError, JobFailed, UsageError
+from batchinf.errors import (
+    BatchinfError,
+    InfrastructureError,
+    JobFailed,
+    NotFoundError,
+    PreconditionFailed,
+    UsageError,
+)
 from batchinf.job import JobSpec
+from batchinf.ledger import Ledger, Scored, shard_contents
+from batchinf.manifest import Shard
 from batchinf.model import ModelSource, resolve_model
 from batchinf.planner import Plan
 from batchinf.pool import PredictorPool
@@ -39,6 +50,7 @@ from batchinf.predictor import PredictedBatch
 from batchinf.progress import Progress
 from batchinf.signature import inspect
 
+INCREMENTAL = "_incremental.json"  # an incremental night's plan: the ledger files it skips by
 BATCH_TRIES = 5  # sends of one batch before its loss ends the attempt as an infrastructure error
 STALL_TIMEOUT_S = float(os.environ.get("BATCHINF_STALL_TIMEOUT", "900"))
 
@@ -79,6 +91,7 @@ class JobRunner:
         on_progress: Callable[[Progress], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
         baseline: drift.Baseline | None = None,
+        ledger: Ledger | None = None,
     ) -> None:
         spec.validate()
         self.job_id = job_id
@@ -98,6 +111,9 @@ class JobRunner:
         self._began_at = time.time()  # wall clock, for the report's images/s over the run
         self._baseline = baseline
         self._stats: list[report.PartStats] = []
+        self._ledger = ledger
+        self._scored: Scored | None = None  # an incremental night: what earlier nights scored
+        self._skipped = 0
 
     def run(self) -> JobResult:
         import ray
@@ -110,6 +126,8 @@ class JobRunner:
         columns = self._rows.check()
         progress = Progress(rows_total=self._rows.count())  # None: a listing, known at its end
         storage.check_writable(spec.output, f"_batchinf-write-check-{self.job_id}")  # no work yet
+        if self._ledger is not None:
+            self._scored = self._plan_incremental(source)
         committed = sink.committed_parts(spec.output)
         if storage.exists(storage.join(spec.output, sink.SUCCESS)) and not committed:
             raise UsageError(f"output {spec.output} holds a finished result already")
@@ -191,7 +209,13 @@ class JobRunner:
         self._decoded: collections.deque[_Batch] = collections.deque()
         for shard in self._rows.shards(self.spec.shard_size):
             self._known(self._rows.total)
+            shard = self._new_rows(shard, progress)
             if shard.index in committed:
+                continue
+            if not len(shard):  # every row scored on an earlier night: an empty part
+                empty = _ShardWork(shard, [], 0)
+                self._open.append(empty)
+                self._commit(empty)
                 continue
             uris = [_resolve(self.spec.manifest, uri) for uri in shard.uris]
             starts = range(0, len(uris), size)
@@ -366,6 +390,38 @@ class JobRunner:
         if self._first_part_s is None:
             self._first_part_s = round(time.monotonic() - self._began, 3)
 
+    def _plan_incremental(self, source: ModelSource) -> Scored:
+        """What earlier nights scored OK with this model version, from the ledger files the
+        job's first attempt saw (kept in the output), so a resumed night skips the same rows."""
+        assert self._ledger is not None
+        plan_uri = storage.join(self.spec.output, INCREMENTAL)
+        try:
+            files = json.loads(storage.read_bytes(plan_uri))["ledger_files"]
+        except NotFoundError:
+            files = self._ledger.files()
+            record = {"ledger": self._ledger.folder, "ledger_files": files}
+            try:
+                storage.write_bytes(plan_uri, json.dumps(record, indent=2).encode(),
+                                    if_none_match=True)
+            except PreconditionFailed:  # another attempt planned first: take its files
+                files = json.loads(storage.read_bytes(plan_uri))["ledger_files"]
+        return self._ledger.scored(source.name, source.version, files)
+
+    def _new_rows(self, shard: Shard, progress: Progress) -> Shard:
+        """The shard less the rows an earlier night scored OK (same content, same model), which
+        count as done; the shard itself when the night is not incremental."""
+        if self._scored is None:
+            return shard
+        contents = shard_contents(shard.columns, shard.rows, shard.types)
+        seen = self._scored.contains(shard.uris, contents)
+        skipped = int(seen.sum())
+        if not skipped:
+            return shard
+        self._skipped += skipped
+        progress.rows_done += skipped
+        rows = tuple(row for row, old in zip(shard.rows, seen, strict=True) if not old)
+        return dataclasses.replace(shard, rows=rows)
+
     def _check_budget(self, progress: Progress) -> None:
         if self._budget is not None and progress.rows_failed > self._budget:
             raise JobFailed(
@@ -397,7 +453,9 @@ class JobRunner:
             },
             "columns": list(columns),
             "rows_total": progress.rows_total,
-            "rows_ok": progress.rows_done - progress.rows_failed,
+            "rows_ok": progress.rows_done - progress.rows_failed - self._skipped,
+            "rows_skipped": self._skipped,
+            "incremental": self._incremental_summary(),
             "rows_failed": progress.rows_failed,
             "errors_by_kind": dict(sorted(self._errors_by_kind.items())),
             "rows_this_run": progress.rows_this_run,
@@ -416,6 +474,17 @@ class JobRunner:
             "finished_at": time.time(),
         } | report.figures(self._stats)
 
+    def _incremental_summary(self) -> dict[str, Any] | None:
+        if self._scored is None or self._ledger is None:
+            return None
+        return {
+            "ledger": self._ledger.folder,
+            "ledger_files": len(self._scored.files),
+            "rows_skipped": self._skipped,
+            "why": f"scored without error by the same model version on an earlier night of "
+                   f"{self._ledger.spec}, and unchanged since (same ETag, or size and time)",
+        }
+
 
 def run_job(
     job_id: str,
@@ -423,10 +492,12 @@ def run_job(
     on_progress: Callable[[Progress], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     baseline: drift.Baseline | None = None,
+    ledger: Ledger | None = None,
 ) -> JobResult:
     """Run a whole job on the Ray instance this process is connected to; with a ``baseline``,
-    its summary carries its drift against it."""
-    return JobRunner(job_id, spec, on_progress, should_stop, baseline).run()
+    its summary carries its drift against it; with a ``ledger``, only rows it does not hold as
+    scored are scored (an incremental night)."""
+    return JobRunner(job_id, spec, on_progress, should_stop, baseline, ledger).run()
 
 
 def ensure_ray(address: str | None = None, *, dashboard: bool | None = None) -> str | None:

@@ -9,6 +9,7 @@ embedded default and as the entrypoint of a Ray job on a cluster.
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import time
@@ -17,10 +18,13 @@ from collections.abc import Callable
 from batchinf import drift, metrics
 from batchinf.errors import BatchinfError, InfrastructureError, JobError
 from batchinf.job import MAX_ATTEMPTS, Job, JobState, fail, retry_delay, retry_later, transition
+from batchinf.ledger import Ledger
 from batchinf.localray import process_is_gone
 from batchinf.pipeline import run_job
 from batchinf.progress import Progress
 from batchinf.store import JobStore
+
+log = logging.getLogger("batchinf.worker")
 
 RECORD_EVERY_S = 2.0
 STALLED_AFTER_S = 10.0  # no row done for this long: the record's speed says 0 (and no ETA)
@@ -130,7 +134,8 @@ def run_claimed(
     keeper = _RecordKeeper(store, job, on_progress)
     try:
         baseline = drift.previous_night(store, job)
-        result = run_job(job_id, job.spec, keeper.progress, keeper.should_stop, baseline)
+        scored = Ledger(store.root, job.spec.name) if job.spec.incremental and job.spec.name else None
+        result = run_job(job_id, job.spec, keeper.progress, keeper.should_stop, baseline, scored)
     except KeyboardInterrupt:
         _finish(store, job_id, run_id, lambda j: transition(j, JobState.CANCELLED))
         raise
@@ -141,18 +146,32 @@ def run_claimed(
         raise
     summary = result.summary
     end = JobState.CANCELLED if result.cancelled else JobState.SUCCEEDED
+    if end is JobState.SUCCEEDED and job.spec.name:
+        _add_to_ledger(store, job)
 
     def finished(j: Job) -> Job:
         done = transition(j, end)
         done.summary = summary
         done.rows_total = summary["rows_total"]
-        done.rows_done = summary["rows_ok"] + summary["rows_failed"]
+        done.rows_done = summary["rows_ok"] + summary["rows_failed"] + summary.get("rows_skipped", 0)
         done.rows_failed = summary["rows_failed"]
         done.images_per_s = summary["images_per_s"]
         done.drift_alert = (summary.get("drift") or {}).get("alert")
         return done
 
     return _finish(store, job_id, run_id, finished)
+
+
+def _add_to_ledger(store: JobStore, job: Job) -> None:
+    """What a finished night of a spec scored, for its next incremental night. Added before the
+    record says SUCCEEDED, and at most once a job, so no SUCCEEDED night is missing from it; a
+    ledger that cannot be written costs the next night work, not this night its result."""
+    ledger = Ledger(store.root, str(job.spec.name))
+    try:
+        ledger.record_output(job.job_id, job.spec.output)
+        ledger.maybe_compact()
+    except (BatchinfError, OSError, ValueError) as exc:  # pyarrow's errors are ValueErrors
+        log.warning("job %s: not added to the ledger of %s: %s", job.job_id, job.spec.name, exc)
 
 
 def abandon(store: JobStore, job_id: str, run_id: str, exc: BaseException) -> Job:
