@@ -169,19 +169,25 @@ class Rig:
         cluster = LocalCluster(env=self.node_env(), node_ip=node_ip)
         self.cluster = cluster
         cluster.start_head(num_cpus=0)
-        if self.net:
-            for _ in range(self.config.workers):
-                self.add_worker()
-        else:
-            cluster.add_nodes(*[(self.config.worker_cpus, None)] * self.config.workers)
+        for _ in range(self.config.workers):
+            self.add_worker()
 
-    def add_worker(self) -> Node:
+    def add_worker(self, tries: int = 3) -> Node:
+        """A worker node joined; a ``ray start`` that times out (a busy machine) is tried again."""
         with self.cluster_lock:
             cluster = self.cluster_or_fail()
-            if self.net:
-                name, address = self.net.add()
-                return cluster.add_node_in(name, address, self.config.worker_cpus)
-            return cluster.add_node(self.config.worker_cpus)
+            for attempt in range(1, tries + 1):
+                try:
+                    if self.net:
+                        name, address = self.net.add()
+                        return cluster.add_node_in(name, address, self.config.worker_cpus)
+                    return cluster.add_node(self.config.worker_cpus)
+                except RuntimeError:
+                    for node in cluster.nodes:
+                        node.killed = node.killed or not node.node_id  # never joined
+                    if attempt == tries:
+                        raise
+            raise AssertionError("unreachable")
 
     def kill_node(self, node: Node) -> None:
         with self.cluster_lock:
