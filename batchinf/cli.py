@@ -513,6 +513,39 @@ def parse_age(value: str) -> float:
 
 
 @app.command()
+def latest(
+    name: Annotated[str, typer.Argument(help="The job spec's name (or idempotency key less its date).")],
+    output: Annotated[
+        str | None, typer.Option(help="Write every URI's newest row here as Parquet.")
+    ] = None,
+    store: StoreOption = None,
+    as_json: JsonOption = False,
+) -> None:
+    """The newest prediction of every URI across all nights of a spec, from its ledger."""
+    import io
+
+    import pyarrow.parquet as pq
+
+    from batchinf import storage
+    from batchinf.ledger import Ledger
+    from batchinf.store import JobStore
+
+    table = Ledger(JobStore.from_uri(store).root, name).latest()
+    if output:
+        buffer = io.BytesIO()
+        pq.write_table(table, buffer)
+        storage.write_bytes(_absolute(output), buffer.getvalue())
+    if as_json:
+        rows = table.drop_columns(["scored_at"]).to_pylist() if not output else []
+        typer.echo(json.dumps({"uris": table.num_rows, "output": output, "rows": rows}))
+        return
+    typer.echo(f"{table.num_rows} URIs scored by nights of {name}"
+               + (f"; newest row of each written to {output}" if output else ""))
+    for row in table.slice(0, 0 if output else 20).to_pylist():
+        typer.echo(f"  {row['uri']}  {row['top1_label']}  {row['top1_score']}  {row['job_id']}")
+
+
+@app.command()
 def wait(job_id: JobArgument, store: StoreOption = None, as_json: JsonOption = False) -> None:
     """Follow a job until it ends; the exit code says how (0 ok, 1 failed, 3 cancelled,
     4 succeeded but drifted past its limit)."""

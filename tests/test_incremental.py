@@ -4,8 +4,11 @@ and moved outputs change nothing."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import subprocess
+import sys
 
 import duckdb
 import pyarrow.parquet as pq
@@ -61,6 +64,11 @@ def test_each_night_scores_only_new_changed_and_failed_rows(ray_local, image_mod
     assert len(by_name) == 9 and by_name["2.png"][1] == second["job"].job_id
     assert by_name["0.png"][1] == first["job"].job_id
     assert by_name["2.png"][0] == second["rows"][str(photos / "2.png")]["top1_label"]
+    latest = subprocess.run(
+        [sys.executable, "-m", "batchinf.cli", "latest", "nightly", "--store", store.root, "--json"],
+        capture_output=True, text=True, timeout=120, check=True)
+    rows = {os.path.basename(r["uri"]): r["job_id"] for r in json.loads(latest.stdout)["rows"]}
+    assert rows == {name: job for name, (_, job) in by_name.items()}
 
     store.prune(0)  # history pruned, outputs moved: the ledger alone decides
     shutil.move(str(tmp_path / "out1"), str(tmp_path / "archive1"))
