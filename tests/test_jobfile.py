@@ -94,7 +94,8 @@ def test_an_unknown_key_in_a_spec_is_named(tmp_path: Any) -> None:
 
 def test_the_shipped_nightly_spec_renders_and_makes_a_valid_job() -> None:
     rendered = jobfile.load(os.path.join(REPO, "jobs", "nightly.yaml"), "2026-11-21")
-    assert rendered["manifest"] == "s3://batchinf-data/manifests/2026-11-21.csv"
+    assert rendered["manifest"] == "s3://batchinf-data/photos/"
+    assert rendered["incremental"] is True
     assert rendered["output"] == "s3://batchinf-data/predictions/2026-11-21/"
     assert rendered["idempotency_key"] == "nightly-products-2026-11-21"
     assert set(rendered) <= jobfile.KEYS
