@@ -137,6 +137,23 @@ def moving(store: JobStore, job: Job, rows: int) -> Job:
                  and j, timeout=300)
 
 
+def join(cluster: LocalCluster, cpus: int = 1, resources: dict[str, float] | None = None) -> Node:
+    """A worker node joined; asked again when ``ray start`` times out on a loaded machine."""
+    for attempt in range(3):
+        try:
+            return cluster.add_node(cpus, resources)
+        except RuntimeError:
+            if attempt == 2:
+                raise
+            time.sleep(5)
+    raise AssertionError("unreachable")
+
+
+def workers(cluster: LocalCluster) -> list[Node]:
+    """The worker nodes that joined and were not lost."""
+    return [n for n in cluster.nodes if not n.head and n.node_id and not n.killed]
+
+
 def lose(cluster: LocalCluster, node: Node) -> float:
     cluster.kill(node)
     return time.monotonic()
@@ -146,7 +163,7 @@ def lose(cluster: LocalCluster, node: Node) -> float:
 def head_and_worker(s3_endpoint: str, tmp_path_factory: Any) -> Iterator[tuple[LocalCluster, JobStore]]:
     with LocalCluster(env=KNOBS) as cluster:
         cluster.start_head(num_cpus=1)
-        cluster.add_node(1)
+        join(cluster)
         yield from _with_store(cluster, tmp_path_factory)
 
 
@@ -154,7 +171,7 @@ def head_and_worker(s3_endpoint: str, tmp_path_factory: Any) -> Iterator[tuple[L
 def cpu_less_head(s3_endpoint: str, tmp_path_factory: Any) -> Iterator[tuple[LocalCluster, JobStore]]:
     with LocalCluster(env=KNOBS) as cluster:
         cluster.start_head(num_cpus=0)
-        cluster.add_nodes((1, None), (1, None))
+        join(cluster), join(cluster)
         yield from _with_store(cluster, tmp_path_factory)
 
 
@@ -184,7 +201,7 @@ class TestAHeadWithCpusAndOneWorker:
                      batch_size=2, shard_size=64)
         timeline = Timeline(store, job.job_id)
         moving(store, job, 128)
-        lost_at = lose(cluster, cluster.nodes[1])
+        lost_at = lose(cluster, workers(cluster)[0])
         recovery = timeline.recovery_s(lost_at)
         print(f"\nhead 1 CPU + worker: rows move again {recovery:.1f} s after the loss")
         assert recovery < RECOVERY_BOUND_S
@@ -195,12 +212,12 @@ class TestAHeadWithCpusAndOneWorker:
         assert any(w.startswith(f"{REPLANNING}: 0 of 2 replicas") for w in lines), lines
         assert "waiting for 1 of 2 replicas: needs {'CPU': 0.5}" in lines  # the second, after
         assert done.summary["resources"]["replicas_now"] == 1
-        cluster.add_node(1)  # for the next test
+        join(cluster)  # for the next test
 
     def test_a_worker_lost_while_the_replicas_load_the_model(
         self, cluster: LocalCluster, store: JobStore, image_model: str, images: str, tmp_path: Any
     ) -> None:
-        worker = next(n for n in cluster.nodes if not n.head and not n.killed)
+        (worker,) = workers(cluster)
         job = submit(store, images, image_model, tmp_path, 6, replicas_min=2, replicas_max=2,
                      batch_size=4, shard_size=64)
         timeline = Timeline(store, job.job_id)
@@ -211,12 +228,12 @@ class TestAHeadWithCpusAndOneWorker:
         done = finished(store, job)
         timeline.stop()
         exactly_once(done, 600)
-        cluster.add_node(1)  # for the next test
+        join(cluster)  # for the next test
 
     def test_a_worker_lost_during_the_last_shard(
         self, cluster: LocalCluster, store: JobStore, image_model: str, images: str, tmp_path: Any
     ) -> None:
-        worker = next(n for n in cluster.nodes if not n.head and not n.killed)
+        (worker,) = workers(cluster)
         job = submit(store, images, image_model, tmp_path, 30, replicas_min=2, replicas_max=2,
                      batch_size=1, shard_size=1000)
         timeline = Timeline(store, job.job_id)
@@ -235,14 +252,14 @@ class TestACpuLessHeadAndTwoWorkers:
     def test_losing_either_worker_replans_on_the_other(
         self, cluster: LocalCluster, store: JobStore, image_model: str, images: str, tmp_path: Any
     ) -> None:
-        first, second = cluster.nodes[1:3]
+        first, second = workers(cluster)
         job = submit(store, images, image_model, tmp_path, 80, replicas_min=2, replicas_max=2,
                      batch_size=2, shard_size=64)
         timeline = Timeline(store, job.job_id)
         moving(store, job, 128)
         lost_at = lose(cluster, first)
         print(f"\nCPU-less head, first worker lost: rows move {timeline.recovery_s(lost_at):.1f} s after")
-        cluster.add_node(1)
+        join(cluster)
         rows = store.get(job.job_id).rows_done
         moving(store, job, rows + 64)  # grown back to two replicas: a node joined
         lost_at = lose(cluster, second)
@@ -255,7 +272,7 @@ class TestACpuLessHeadAndTwoWorkers:
     def test_losing_the_pinned_node_type_waits_for_it_saying_so(
         self, cluster: LocalCluster, store: JobStore, image_model: str, images: str, tmp_path: Any
     ) -> None:
-        gpu = cluster.add_node(1, {"gpu_node": 1})
+        gpu = join(cluster, 1, {"gpu_node": 1})
         job = submit(store, images, image_model, tmp_path, 60, batch_size=2, shard_size=64,
                      replica_resources={"gpu_node": 1.0})
         timeline = Timeline(store, job.job_id)
@@ -264,7 +281,7 @@ class TestACpuLessHeadAndTwoWorkers:
         waiting = until(lambda: (w := store.get(job.job_id).waiting or "").startswith(
             f"{REPLANNING}: 0 of 1 replicas; waiting for") and w)
         assert "{'CPU': 1.0, 'gpu_node': 1.0}" in waiting, waiting
-        cluster.add_node(1, {"gpu_node": 1})
+        join(cluster, 1, {"gpu_node": 1})
         print(f"\npinned node type lost, another added: rows move "
               f"{timeline.recovery_s(lost_at):.1f} s after the loss")
         done = finished(store, job)
