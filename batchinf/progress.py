@@ -37,6 +37,10 @@ class Progress:
 
     @property
     def images_per_s(self) -> float:
+        """Rows a second this run; 0 while a lost node's reservation is replaced: no row moves
+        then, and a record that kept the last speed would promise an ETA nobody keeps."""
+        if self.replanning:
+            return 0.0
         return self.rows_this_run / self.elapsed if self.elapsed > 0 else 0.0
 
     @property

@@ -294,7 +294,7 @@ def test_no_eta_while_re_planning_or_while_no_row_moves(monkeypatch: pytest.Monk
     progress.started -= 10
     assert progress.eta_s is not None
     progress.replanning = True
-    assert progress.eta_s is None
+    assert progress.eta_s is None and progress.images_per_s == 0.0  # status: no speed, no ETA
     progress.replanning = False
     monkeypatch.setattr("batchinf.progress.QUIET_AFTER_S", -1.0)
     assert progress.eta_s is None
