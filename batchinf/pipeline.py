@@ -230,6 +230,8 @@ class JobRunner:
                 self._decoded.append(batch)
                 self._prefetched += 0 if progress.processing else 1
                 self._dispatch(pool, progress)
+            if self._collect(pool, progress, wait=0.0):  # replicas ready, parts done: no waiting
+                return True
         self._known(self._rows.total)  # a listing's rows are all known now
         while self._in_flight or self._decoded:
             if self._collect(pool, progress):
@@ -279,8 +281,13 @@ class JobRunner:
         batch.pixels = None  # the call holds it now; a resend decodes again
         pool.sent(batch.actor)
 
-    def _collect(self, pool: PredictorPool, progress: Progress) -> bool:
-        """Wait for some batch to finish, record it, commit shards that are whole; True = stop."""
+    def _collect(self, pool: PredictorPool, progress: Progress, wait: float = 0.5) -> bool:
+        """Wait for some batch to finish, record it, commit shards that are whole; True = stop.
+
+        With ``wait=0`` it only takes what is ready: the manifest loop calls it after every
+        shard, so replicas that became ready start work and finished shards are committed
+        while a slow manifest (a listing) is still being read, not once it has filled the
+        prefetch."""
         import ray
 
         if self._should_stop():
@@ -291,7 +298,7 @@ class JobRunner:
             return True
         if not progress.processing:
             pool.check_started()
-        pool.refresh(timeout=0.0 if self._in_flight else 0.5)
+        pool.refresh(timeout=0.0 if self._in_flight else wait)
         self._decode_lost(pool)
         self._dispatch(pool, progress)
         self._report_waiting(pool, progress)
@@ -299,7 +306,7 @@ class JobRunner:
             pool.report_busy(self.job_id, progress.elapsed)
         if not self._in_flight:
             return False  # no replica ready yet: refresh waited for one
-        ready, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=0.5)
+        ready, _ = ray.wait(list(self._in_flight), num_returns=1, timeout=wait)
         for ref in ready:
             batch = self._in_flight.pop(ref)
             pool.done(batch.actor)
