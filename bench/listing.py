@@ -1,6 +1,6 @@
 """A listing as a manifest: time to the first committed part, driver memory, listing rate.
 
-``python -m bench.listing --objects 1000,100000 --out bench/results``
+``python -m bench.listing --objects 1000,100000 --out bench/results [--no-rate]``
 
 For each size it fills ``s3://listing-N/photos/`` on moto's server (in this process, reached
 over HTTP by everything else; the objects are put straight into moto's store, which is fast,
@@ -162,6 +162,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--objects", default="1000,100000", help="comma list of prefix sizes")
     p.add_argument("--cancel-above", type=int, default=1000,
                    help="cancel jobs on prefixes larger than this after their first part")
+    p.add_argument("--no-rate", action="store_true",
+                   help="skip the listing-rate passes (minutes at 100,000 objects on moto)")
     p.add_argument("--out", default="bench/results")
     p.add_argument("--cache", default=None, help="model cache (default <out>/cache)")
     p.add_argument("--timeout", type=float, default=1800.0)
@@ -185,7 +187,8 @@ def main(argv: list[str] | None = None) -> int:
             work.mkdir(parents=True)
             bucket = f"listing-{count}"
             row: dict[str, Any] = {"objects": count, "fill_s": round(fill(bucket, count), 1)}
-            row |= listing_rate(f"s3://{bucket}/photos/", work / "frozen")
+            if not args.no_rate:
+                row |= listing_rate(f"s3://{bucket}/photos/", work / "frozen")
             row |= run_job(f"s3://{bucket}/photos/", model, work, count > args.cancel_above,
                            args.timeout)
             results.append(row)
