@@ -152,7 +152,11 @@ def cluster_kill(rig: Rig, rng: random.Random) -> Fault | None:
     if not mid_job(rig) or any(j.attempt >= MAX_ATTEMPTS for j in jobs):
         return None
     fault = Fault.now(rig, "cluster-kill", "head + workers + dispatcher", [j.job_id for j in jobs])
-    rig.replace_cluster()
+
+    def gone() -> None:  # a part a driver committed while the cluster was being killed is none
+        fault.before = rig.snapshot(fault.affected)  # that the new cluster made
+
+    rig.replace_cluster(gone)
     fault.note = f"new cluster up after {time.time() - fault.at:.0f} s"
     return fault
 

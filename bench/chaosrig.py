@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlencode
@@ -196,13 +197,15 @@ class Rig:
     def workers(self) -> list[Node]:
         return [n for n in self.cluster_or_fail().nodes if not n.head and not n.killed]
 
-    def replace_cluster(self) -> None:
-        """The whole cluster and the dispatcher lost; a new cluster and dispatcher started."""
+    def replace_cluster(self, when_gone: Callable[[], object] = lambda: None) -> None:
+        """The whole cluster and the dispatcher lost; a new cluster and dispatcher started.
+        ``when_gone`` runs once every old process is dead."""
         with self.cluster_lock:
             self._supervise.clear()
             self._stop_dispatcher(signal.SIGKILL)
             self.cluster_or_fail().shutdown()
             self.cluster = None
+            when_gone()
             self.start_cluster()
             self.gate.upstream = self.cluster_or_fail().jobs_address
             self._supervise.set()
