@@ -288,6 +288,12 @@ def _run_here(job_store: Any, job_id: str, as_json: bool, head: Any = None) -> N
     import os
     import time
 
+    # Claimed before Ray (and the pipeline's imports, seconds on a busy machine) starts or is
+    # joined: a dispatcher's next round would take a job left QUEUED for those seconds, and
+    # this process would only follow it.
+    run_id = f"local-{job_id}-a{_next(job_store, job_id)}"
+    claimed = job_store.claim(job_id, run_id) is not None
+
     from batchinf.display import ProgressDisplay
     from batchinf.errors import BatchinfError, JobError
     from batchinf.job import JobState
@@ -295,10 +301,7 @@ def _run_here(job_store: Any, job_id: str, as_json: bool, head: Any = None) -> N
     from batchinf.worker import abandon, run_claimed
 
     while True:
-        run_id = f"local-{job_id}-a{_next(job_store, job_id)}"
-        # Claimed before Ray starts or is joined: a dispatcher's next round would take a job
-        # left QUEUED for those seconds, and this process would only follow it.
-        if job_store.claim(job_id, run_id) is None:
+        if not claimed:
             return _follow(job_store, job_id, as_json)
         try:
             if head is not None:
@@ -322,6 +325,8 @@ def _run_here(job_store: Any, job_id: str, as_json: bool, head: Any = None) -> N
             typer.echo(f"{job_id}: attempt {job.attempt} ended ({job.attempts[-1]['reason']}); "
                        f"retrying in {max(0, (job.retry_at or 0) - time.time()):.0f} s", err=True)
         time.sleep(max(0.0, (job.retry_at or 0) - time.time()))
+        run_id = f"local-{job_id}-a{_next(job_store, job_id)}"
+        claimed = job_store.claim(job_id, run_id) is not None
 
 
 def _next(job_store: Any, job_id: str) -> int:
