@@ -37,7 +37,7 @@ from batchinf.store import JobStore
 from bench.chaosproxy import LaunchGate, Relay
 from bench.faultproxy import FaultProxy
 from bench.netns import TestNet
-from tests.cluster import LocalCluster, Node
+from tests.cluster import LocalCluster, Node, kill_all
 from tests.models import make_image_model, write_solid_image
 
 PART = re.compile(r"^part-\d{5,}\.parquet$")
@@ -170,7 +170,12 @@ class Rig:
         cluster = LocalCluster(env=self.node_env(), node_ip=node_ip)
         self.cluster = cluster
         cluster.start_head(num_cpus=0)
-        for _ in range(self.config.workers):
+        if not self.net:  # all at once, which saves seconds each
+            try:
+                cluster.add_nodes(*[(self.config.worker_cpus, None)] * self.config.workers)
+            except RuntimeError:  # some timed out on a busy machine: start those again
+                _forget_unjoined(cluster)
+        while len(self.workers()) < self.config.workers:
             self.add_worker()
 
     def add_worker(self, tries: int = 3) -> Node:
@@ -184,8 +189,7 @@ class Rig:
                         return cluster.add_node_in(name, address, self.config.worker_cpus)
                     return cluster.add_node(self.config.worker_cpus)
                 except RuntimeError:
-                    for node in cluster.nodes:
-                        node.killed = node.killed or not node.node_id  # never joined
+                    _forget_unjoined(cluster)
                     if attempt == tries:
                         raise
             raise AssertionError("unreachable")
@@ -398,6 +402,18 @@ class Rig:
                 if ended:
                     finished.add(job.job_id)
             time.sleep(0.5)
+
+
+def _forget_unjoined(cluster: LocalCluster) -> None:
+    """Nodes not seen to join (a ``ray start`` that failed, or one left unfinished beside it)
+    are stopped and count as killed."""
+    for node in cluster.nodes:
+        if node.node_id or node.killed:
+            continue
+        if node.startup is not None and node.startup.poll() is None:
+            node.startup.kill()
+        kill_all(node.processes())
+        node.killed = True
 
 
 def _free_port() -> int:
