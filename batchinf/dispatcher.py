@@ -55,6 +55,7 @@ log = logging.getLogger("batchinf.dispatcher")
 
 CANCEL_GRACE_S = 30.0
 FINISHED_COUNT_EVERY_S = 60.0  # how often the metrics count finished jobs (listings of history)
+_ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 _SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
 _ENDED = {"SUCCEEDED", "FAILED", "STOPPED"}
 
@@ -71,11 +72,16 @@ def jobs_client(address: str) -> Any:
         os.environ.setdefault("RAY_AUTH_MODE", "token")
     from ray.job_submission import JobSubmissionClient
 
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    # Ray lets RAY_API_SERVER_ADDRESS or RAY_ADDRESS override the address it is given: the
+    # address asked for here is the one used (the client keeps it once made).
+    hidden = {k: os.environ.pop(k) for k in _ADDRESS_VARIABLES if k in os.environ}
     try:
-        headers = {"Authorization": f"Bearer {token}"} if token else None
         return JobSubmissionClient(address, headers=headers)
     except Exception as exc:
         raise BatchinfError(f"cannot reach the Ray Jobs API at {address}: {exc}") from exc
+    finally:
+        os.environ.update(hidden)
 
 
 def ray_auth_token() -> str | None:

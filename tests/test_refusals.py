@@ -37,9 +37,10 @@ def fast_backoff(monkeypatch):
 
 
 def test_refused_launches_back_off_say_why_and_then_run_exactly_once(
-    proxy, store, image_model, colour_images, tmp_path
+    proxy, store, image_model, colour_images, tmp_path, monkeypatch
 ):
     manifest, colours = colour_images
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:9")  # Ray would prefer it to the address
     dispatcher = Dispatcher(store, proxy.address)
     job, _ = store.create(JobSpec(manifest, image_model, str(tmp_path / "out")))
     proxy.refuse(3)
