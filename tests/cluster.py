@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -31,8 +32,8 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -393,3 +394,23 @@ def _flag(args: list[str], name: str) -> str:
     """The value of ``name=value`` in ``args``; empty if absent."""
     prefix = f"{name}="
     return next((a[len(prefix):] for a in args if a.startswith(prefix)), "")
+
+
+@contextmanager
+def served_store(cluster: LocalCluster, root: str, env: dict[str, str]) -> Iterator[object]:
+    """A job store at ``root`` served by ``batchinf dispatcher`` running against ``cluster``
+    (with ``env`` on top of the cluster's client environment; its log in ``root``)."""
+    from batchinf.store import JobStore
+
+    log = open(os.path.join(root, "dispatcher.log"), "wb")  # noqa: SIM115 - closed below
+    process = subprocess.Popen(
+        [sys.executable, "-m", "batchinf.cli", "dispatcher", "--address", cluster.jobs_address,
+         "--store", root, "--poll", "1"],
+        env={**cluster.client_env(), **env}, stdout=log, stderr=log,
+    )
+    try:
+        yield JobStore.from_uri(root)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+        log.close()

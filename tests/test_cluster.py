@@ -22,7 +22,7 @@ import requests
 
 from batchinf.job import Job, JobSpec, JobState
 from batchinf.store import JobStore
-from tests.cluster import LocalCluster
+from tests.cluster import LocalCluster, served_store
 from tests.conftest import repeated_manifest, until, write_manifest
 from tests.models import write_solid_image
 from tests.serving import start_server
@@ -57,17 +57,8 @@ def cluster(s3_endpoint: str) -> Iterator[LocalCluster]:
 @pytest.fixture(scope="module")
 def store(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> Iterator[JobStore]:
     """A job store served by ``batchinf dispatcher`` running against the cluster."""
-    root = str(tmp_path_factory.mktemp("cluster-store"))
-    log = open(os.path.join(root, "dispatcher.log"), "wb")  # noqa: SIM115 - lives with the fixture
-    process = subprocess.Popen(
-        [sys.executable, "-m", "batchinf.cli", "dispatcher", "--address", cluster.jobs_address,
-         "--store", root, "--poll", "1"],
-        env={**cluster.client_env(), **KNOBS}, stdout=log, stderr=log,
-    )
-    yield JobStore.from_uri(root)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=30)
-    log.close()
+    with served_store(cluster, str(tmp_path_factory.mktemp("cluster-store")), KNOBS) as store:
+        yield store
 
 
 @pytest.fixture(scope="module")

@@ -16,9 +16,6 @@ record, so what ``status`` said while the job re-planned can be asserted afterwa
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -31,7 +28,7 @@ import pytest
 from batchinf.job import Job, JobSpec, JobState
 from batchinf.progress import Progress
 from batchinf.store import JobStore
-from tests.cluster import LocalCluster, Node
+from tests.cluster import LocalCluster, Node, served_store
 from tests.conftest import repeated_manifest, until, write_manifest
 from tests.models import write_solid_image
 
@@ -87,20 +84,6 @@ class Timeline:
                     print(f"  {t - lost_at:6.1f} s  {r:5d} rows  {w}")
                     last = (r, w)
         return moved - lost_at
-
-
-def dispatcher(cluster: LocalCluster, root: str) -> Iterator[JobStore]:
-    """A job store served by ``batchinf dispatcher`` running against ``cluster``."""
-    log = open(os.path.join(root, "dispatcher.log"), "wb")  # noqa: SIM115 - lives with the fixture
-    process = subprocess.Popen(
-        [sys.executable, "-m", "batchinf.cli", "dispatcher", "--address", cluster.jobs_address,
-         "--store", root, "--poll", "1"],
-        env={**cluster.client_env(), **KNOBS}, stdout=log, stderr=log,
-    )
-    yield JobStore.from_uri(root)
-    process.send_signal(signal.SIGTERM)
-    process.wait(timeout=30)
-    log.close()
 
 
 @pytest.fixture(scope="module")
@@ -176,7 +159,7 @@ def cpu_less_head(s3_endpoint: str, tmp_path_factory: Any) -> Iterator[tuple[Loc
 
 
 def _with_store(cluster: LocalCluster, tmp_path_factory: Any) -> Iterator[tuple[LocalCluster, JobStore]]:
-    for store in dispatcher(cluster, str(tmp_path_factory.mktemp("replan-store"))):
+    with served_store(cluster, str(tmp_path_factory.mktemp("replan-store")), KNOBS) as store:
         yield cluster, store
 
 
