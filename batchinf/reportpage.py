@@ -83,7 +83,7 @@ def _figure(svg: str, caption: str) -> str:
 
 def _class_caption(s: dict[str, Any], drift: dict[str, Any] | None) -> str:
     count = len(s["top1_classes"])
-    text = f"Share of ok rows by top-1 class; {count} classes this run"
+    text = f"Share of ok rows by top-1 class; {count} {'class' if count == 1 else 'classes'} this run"
     text += f", the largest {CLASSES_SHOWN} shown." if count > CLASSES_SHOWN else "."
     return text + (f" Grey: {drift['against']}." if drift else "")
 
