@@ -102,6 +102,18 @@ def write_manifest(path: Any, header: list[str], rows: list[list[str]]) -> str:
     return str(path)
 
 
+def numbered_images(folder: Any, count: int, green: int, blue: int) -> str:
+    """``count`` small PNGs of shades of red under ``folder/img``, and a manifest of them with
+    an ``n`` column numbering the rows."""
+    from tests.models import write_solid_image
+
+    rows = []
+    for i in range(count):
+        write_solid_image(str(folder / "img" / f"{i}.png"), (i % 256, green, blue))
+        rows.append([str(folder / "img" / f"{i}.png"), str(i)])
+    return write_manifest(folder / "manifest.csv", ["uri", "n"], rows)
+
+
 def repeated_manifest(manifest: str, times: int, path: Any) -> str:
     """The manifest's images ``times`` over, numbered on: a longer job from the same files."""
     import csv

@@ -23,8 +23,7 @@ import requests
 from batchinf.job import Job, JobSpec, JobState
 from batchinf.store import JobStore
 from tests.cluster import LocalCluster, served_store
-from tests.conftest import repeated_manifest, until, write_manifest
-from tests.models import write_solid_image
+from tests.conftest import numbered_images, repeated_manifest, until
 from tests.serving import start_server
 
 KNOBS = {
@@ -64,11 +63,7 @@ def store(cluster: LocalCluster, tmp_path_factory: pytest.TempPathFactory) -> It
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = tmp_path_factory.mktemp("cluster-images")
-    rows = []
-    for i in range(400):
-        write_solid_image(str(folder / "img" / f"{i}.png"), (i % 256, 90, 30))
-        rows.append([str(folder / "img" / f"{i}.png"), str(i)])
-    return write_manifest(folder / "manifest.csv", ["uri", "n"], rows)
+    return numbered_images(folder, 400, 90, 30)
 
 
 def finished(store: JobStore, job: Job, timeout: float = 300.0) -> Job:

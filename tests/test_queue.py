@@ -17,8 +17,7 @@ from batchinf.dispatcher import Dispatcher
 from batchinf.job import JobSpec, JobState, transition
 from batchinf.store import JobStore
 from batchinf.worker import execute
-from tests.conftest import drive, repeated_manifest, until, write_manifest
-from tests.models import write_solid_image
+from tests.conftest import drive, numbered_images, repeated_manifest, until, write_manifest
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -37,11 +36,7 @@ def dispatcher(store, ray_head) -> Dispatcher:
 def many_images(tmp_path_factory) -> str:
     """300 small PNGs: a job over them with batch size 1 takes long enough to interrupt."""
     folder = tmp_path_factory.mktemp("many")
-    rows = []
-    for i in range(300):
-        write_solid_image(str(folder / "img" / f"{i}.png"), (i % 256, 40, 200))
-        rows.append([str(folder / "img" / f"{i}.png"), str(i)])
-    return write_manifest(folder / "manifest.csv", ["uri", "n"], rows)
+    return numbered_images(folder, 300, 40, 200)
 
 
 def _output_rows(output: str) -> list[str]:

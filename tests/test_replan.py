@@ -29,8 +29,7 @@ from batchinf.job import Job, JobSpec, JobState
 from batchinf.progress import Progress
 from batchinf.store import JobStore
 from tests.cluster import LocalCluster, Node, served_store
-from tests.conftest import repeated_manifest, until, write_manifest
-from tests.models import write_solid_image
+from tests.conftest import numbered_images, repeated_manifest, until
 
 KNOBS = {
     "BATCHINF_RETRY_DELAY": "2",
@@ -89,11 +88,7 @@ class Timeline:
 @pytest.fixture(scope="module")
 def images(tmp_path_factory: pytest.TempPathFactory) -> str:
     folder = tmp_path_factory.mktemp("replan-images")
-    rows = []
-    for i in range(100):
-        write_solid_image(str(folder / "img" / f"{i}.png"), (i % 256, 90, 30))
-        rows.append([str(folder / "img" / f"{i}.png"), str(i)])
-    return write_manifest(folder / "manifest.csv", ["uri", "n"], rows)
+    return numbered_images(folder, 100, 90, 30)
 
 
 def submit(store: JobStore, images: str, model: str, folder: Any, times: int, **kw: Any) -> Job:
