@@ -158,7 +158,7 @@ def submit(
 ) -> None:
     """Submit a job: classify every image in MANIFEST and write predictions to OUTPUT."""
     from batchinf.job import JobState
-    from batchinf.store import JobStore
+    from batchinf.jobstore import JobStore
 
     given = {
         "model": model, "output": output, "top_k": top_k, "batch_size": batch_size,
@@ -207,7 +207,7 @@ def _local_head(job_store: Any, address: str | None, wait: bool) -> Any:
     to launch, no poll to wait for). None: no such head, or not a ``--wait`` here."""
     if not wait or address is not None:
         return None
-    from batchinf.localray import running_head
+    from batchinf.raycluster import running_head
 
     return running_head(job_store)
 
@@ -294,11 +294,11 @@ def _run_here(job_store: Any, job_id: str, as_json: bool, head: Any = None) -> N
     run_id = f"local-{job_id}-a{_next(job_store, job_id)}"
     claimed = job_store.claim(job_id, run_id) is not None
 
+    from batchinf.attempt import abandon, run_claimed
     from batchinf.display import ProgressDisplay
     from batchinf.errors import BatchinfError, JobError
     from batchinf.job import JobState
-    from batchinf.pipeline import ensure_ray
-    from batchinf.worker import abandon, run_claimed
+    from batchinf.raycluster import ensure_ray
 
     while True:
         if not claimed:
@@ -415,7 +415,7 @@ def _waiting_line(job: Any) -> str | None:
 @app.command()
 def status(job_id: JobArgument, store: StoreOption = None, as_json: JsonOption = False) -> None:
     """Show a job's state, rows done / failed / total, speed, ETA and output."""
-    from batchinf.store import JobStore
+    from batchinf.jobstore import JobStore
 
     job = JobStore.from_uri(store).get(job_id)
     if as_json:
@@ -466,7 +466,7 @@ def list_jobs(
 ) -> None:
     """List jobs, newest first, a page at a time (--before JOB for the next page)."""
     from batchinf.job import JobState
-    from batchinf.store import JobStore
+    from batchinf.jobstore import JobStore
 
     try:
         states = {JobState(s.upper()) for s in state} if state else None
@@ -494,7 +494,7 @@ def prune(
     as_json: JsonOption = False,
 ) -> None:
     """Remove the records of finished jobs older than an age; outputs are never touched."""
-    from batchinf.store import JobStore
+    from batchinf.jobstore import JobStore
 
     seconds = parse_age(older_than)
     gone = JobStore.from_uri(store).prune(seconds, dry_run=dry_run)
@@ -532,8 +532,8 @@ def latest(
     import pyarrow.parquet as pq
 
     from batchinf import storage
+    from batchinf.jobstore import JobStore
     from batchinf.ledger import Ledger
-    from batchinf.store import JobStore
 
     table = Ledger(JobStore.from_uri(store).root, name).latest()
     if output:
@@ -554,7 +554,7 @@ def latest(
 def wait(job_id: JobArgument, store: StoreOption = None, as_json: JsonOption = False) -> None:
     """Follow a job until it ends; the exit code says how (0 ok, 1 failed, 3 cancelled,
     4 succeeded but drifted past its limit)."""
-    from batchinf.store import JobStore
+    from batchinf.jobstore import JobStore
 
     _follow(JobStore.from_uri(store), job_id, as_json)
 
@@ -576,9 +576,9 @@ def report(
     as_json: JsonOption = False,
 ) -> None:
     """Show a job's figures (classes, scores, errors, speed, drift) and write its report page."""
+    from batchinf.jobstore import JobStore
     from batchinf.report import describe
     from batchinf.reportpage import job_report
-    from batchinf.store import JobStore
 
     summary, page = job_report(JobStore.from_uri(store), job_id, against, html)
     if as_json:
@@ -604,7 +604,7 @@ def cancel(
     """Cancel a job: a queued one at once, a running one within seconds (no _SUCCESS)."""
     import time
 
-    from batchinf.store import JobStore
+    from batchinf.jobstore import JobStore
 
     job_store = JobStore.from_uri(store)
     job = job_store.request_cancel(job_id)
@@ -626,9 +626,9 @@ def resume(
     as_json: JsonOption = False,
 ) -> None:
     """Queue a failed, cancelled or orphaned job again; it redoes only uncommitted shards."""
+    from batchinf.attempt import runner_is_gone
     from batchinf.job import Job, JobState, transition
-    from batchinf.store import JobStore
-    from batchinf.worker import runner_is_gone
+    from batchinf.jobstore import JobStore
 
     job_store = JobStore.from_uri(store)
 
@@ -658,8 +658,8 @@ def resume(
 @app.command()
 def logs(job_id: JobArgument, store: StoreOption = None, address: AddressOption = None) -> None:
     """Print the logs of the job's current (or last) Ray job."""
-    from batchinf.dispatcher import jobs_client
-    from batchinf.store import JobStore
+    from batchinf.jobstore import JobStore
+    from batchinf.raycluster import jobs_client
 
     job = JobStore.from_uri(store).get(job_id)
     target = address or job.ray_address
@@ -686,7 +686,7 @@ def dispatcher(
     import logging
 
     from batchinf.dispatcher import Dispatcher
-    from batchinf.store import JobStore
+    from batchinf.jobstore import JobStore
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if max_running < 1:
@@ -723,7 +723,7 @@ def serve_command(
     ] = None,
 ) -> None:
     """Serve the model over HTTP until SIGINT or SIGTERM: POST an image, get ranked classes."""
-    from batchinf.server import ServeOptions, serve, take_token
+    from batchinf.online.launch import ServeOptions, serve, take_token
 
     low, high = parse_replicas(replicas)
     options = ServeOptions(
@@ -745,10 +745,10 @@ def run(
     store: StoreOption = None,
 ) -> None:
     """Entrypoint of a job's Ray job: run a claimed job here (the dispatcher calls this)."""
+    from batchinf.attempt import run_claimed
     from batchinf.display import ProgressDisplay
-    from batchinf.pipeline import ensure_ray
-    from batchinf.store import JobStore
-    from batchinf.worker import run_claimed
+    from batchinf.jobstore import JobStore
+    from batchinf.raycluster import ensure_ray
 
     ensure_ray()
     job_store = JobStore.from_uri(store)

@@ -20,11 +20,11 @@ from batchinf.job import JobSpec
 
 def run_demo(folder: str, *, quiet: bool = False) -> dict[str, Any]:
     """Build the demo's model and images in ``folder``, run the job, and report what it measured."""
+    from batchinf.attempt import execute
     from batchinf.demo_assets import build_demo
     from batchinf.display import ProgressDisplay
-    from batchinf.pipeline import ensure_ray
-    from batchinf.store import JobStore
-    from batchinf.worker import execute
+    from batchinf.jobstore import JobStore
+    from batchinf.raycluster import ensure_ray
 
     folder = os.path.abspath(folder)
     say = (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))

@@ -38,7 +38,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchinf.errors import BatchinfError
 from batchinf.job import (
     MAX_ATTEMPTS,
     Job,
@@ -49,50 +48,15 @@ from batchinf.job import (
     retry_later,
     transition,
 )
-from batchinf.store import JobStore
+from batchinf.jobstore import JobStore
+from batchinf.raycluster import adopt_or_start, jobs_client, process_is_gone
 
 log = logging.getLogger("batchinf.dispatcher")
 
 CANCEL_GRACE_S = 30.0
 FINISHED_COUNT_EVERY_S = 60.0  # how often the metrics count finished jobs (listings of history)
-_ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
 _SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
 _ENDED = {"SUCCEEDED", "FAILED", "STOPPED"}
-
-
-def jobs_client(address: str) -> Any:
-    """A Ray Jobs API client for ``address`` (``http://head:8265``), errors translated.
-
-    Ray 2.60 clusters may require their auth token. It is sent as a header read from where
-    Ray keeps it (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``), which
-    works whenever Ray was first imported, unlike ``RAY_AUTH_MODE`` (read once, at import).
-    """
-    token = ray_auth_token()
-    if token:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-    from ray.job_submission import JobSubmissionClient
-
-    headers = {"Authorization": f"Bearer {token}"} if token else None
-    # Ray lets RAY_API_SERVER_ADDRESS or RAY_ADDRESS override the address it is given: the
-    # address asked for here is the one used (the client keeps it once made).
-    hidden = {k: os.environ.pop(k) for k in _ADDRESS_VARIABLES if k in os.environ}
-    try:
-        return JobSubmissionClient(address, headers=headers)
-    except Exception as exc:
-        raise BatchinfError(f"cannot reach the Ray Jobs API at {address}: {exc}") from exc
-    finally:
-        os.environ.update(hidden)
-
-
-def ray_auth_token() -> str | None:
-    """The Ray auth token this machine is set up with, if any (never logged or stored)."""
-    if os.environ.get("RAY_AUTH_TOKEN"):
-        return os.environ["RAY_AUTH_TOKEN"].strip()
-    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), os.path.expanduser("~/.ray/auth_token")):
-        if path and os.path.exists(path):
-            with open(path, encoding="utf-8") as f:
-                return f.read().strip() or None
-    return None
 
 
 @dataclass
@@ -118,7 +82,6 @@ class Dispatcher:
         """Embedded default: adopt the local head a dead dispatcher left, or start one."""
         if self.client is not None:
             return
-        from batchinf.localray import adopt_or_start
 
         self.head = adopt_or_start(self.store)
         self.address = self.head.jobs_address
@@ -348,7 +311,6 @@ def nudge(owner: str) -> bool:
 
 def holder_is_gone(owner: str) -> bool:
     """True when a lease ``owner`` (``host:pid``) is a process on this host that has exited."""
-    from batchinf.localray import process_is_gone
 
     host, _, pid = owner.rpartition(":")
     return pid.isdigit() and process_is_gone(host, int(pid))

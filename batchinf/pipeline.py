@@ -21,7 +21,6 @@ import collections
 import contextlib
 import dataclasses
 import json
-import logging
 import math
 import os
 import time
@@ -33,7 +32,6 @@ from batchinf import drift, manifest, metrics, report, sink, storage
 from batchinf.access import ReadPolicy
 from batchinf.decode import decode_batch
 from batchinf.errors import (
-    BatchinfError,
     InfrastructureError,
     JobFailed,
     NotFoundError,
@@ -505,79 +503,6 @@ def run_job(
     its summary carries its drift against it; with a ``ledger``, only rows it does not hold as
     scored are scored (an incremental night)."""
     return JobRunner(job_id, spec, on_progress, should_stop, baseline, ledger).run()
-
-
-def ensure_ray(address: str | None = None, *, dashboard: bool | None = None) -> str | None:
-    """Connect to the cluster at ``address``, or start a local Ray instance (embedded default).
-
-    ``dashboard=False`` starts a local instance without the dashboard, for a run that ends
-    with this process: Ray starts about 3 s sooner (docs/performance.md).
-    Returns the dashboard's URL (its Jobs API) when this call started or joined Ray.
-    """
-    import ray
-
-    if ray.is_initialized():
-        return None
-    held = _NoticeHolder()
-    try:
-        with held:
-            context = ray.init(
-                address=address,
-                log_to_driver=False,
-                configure_logging=False,
-                include_dashboard=dashboard,
-            )
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise BatchinfError(f"cannot start or reach Ray ({address or 'RAY_ADDRESS'}): {exc}") from exc
-    held.write_to_session_log()
-    url = getattr(context, "dashboard_url", None)
-    return f"http://{url}" if url and "://" not in url else url
-
-
-class _NoticeHolder(logging.Handler):
-    """Ray's notices while it starts (its token-auth banner) kept from the user's terminal,
-    where only batchinf's own lines go, and written to ``batchinf-driver.log`` in the Ray
-    session's log folder instead."""
-
-    LOGGERS = ("ray._private.authentication.authentication_token_setup",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[str] = []
-        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(self.format(record))
-
-    def __enter__(self) -> _NoticeHolder:
-        for name in self.LOGGERS:
-            logger = logging.getLogger(name)
-            logger.addHandler(self)
-            logger.propagate = False
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for name in self.LOGGERS:
-            logger = logging.getLogger(name)
-            logger.removeHandler(self)
-            logger.propagate = True
-
-    def write_to_session_log(self) -> None:
-        folder = session_dir()
-        if not self.lines or folder is None:
-            return
-        with contextlib.suppress(OSError), open(
-            os.path.join(folder, "logs", "batchinf-driver.log"), "a", encoding="utf-8"
-        ) as log:
-            log.write("\n".join(self.lines) + "\n")
-
-
-def session_dir() -> str | None:
-    """The Ray session folder of the instance this process started or joined (None if none)."""
-    from ray._private import worker  # the session folder has no public accessor
-
-    node = getattr(worker, "_global_node", None)
-    return node.get_session_dir_path() if node is not None else None
 
 
 PREFETCH_MB = float(os.environ.get("BATCHINF_PREFETCH_MB", "512"))

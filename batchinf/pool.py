@@ -41,6 +41,7 @@ from batchinf.job import JobSpec
 from batchinf.model import ModelSource
 from batchinf.planner import NodeView, Plan, describe, plan, replan
 from batchinf.predictor import Predictor
+from batchinf.raycluster import free_resources_per_node, root_cause
 
 log = logging.getLogger("batchinf.pool")
 
@@ -58,9 +59,7 @@ NODE_ID_LABEL = "ray.io/node-id"
 def live_nodes() -> list[NodeView]:
     """The cluster's live nodes with their total and currently free resources."""
     import ray
-    from ray._private.state import available_resources_per_node
-
-    free = available_resources_per_node()
+    free = free_resources_per_node()
     return [
         NodeView(node["NodeID"], dict(node["Resources"]), dict(free.get(node["NodeID"], {})))
         for node in ray.nodes()
@@ -530,13 +529,3 @@ def _placed(group: Any, timeout: float) -> bool:
 
     ready, _ = ray.wait([group.ready()], timeout=timeout)
     return bool(ready)
-
-
-def root_cause(exc: BaseException) -> str:
-    """The last line of the original error that Ray wrapped, e.g. ``ModelError: ...``."""
-    text = str(exc)
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in reversed(lines):
-        if "Error:" in line or "Exception:" in line:
-            return line.split("batchinf.errors.", 1)[-1]
-    return lines[-1] if lines else type(exc).__name__

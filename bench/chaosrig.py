@@ -33,7 +33,7 @@ from urllib.parse import urlencode
 import psutil
 
 from batchinf.job import Job, JobSpec, JobState
-from batchinf.store import JobStore
+from batchinf.jobstore import JobStore
 from bench.chaosproxy import LaunchGate, Relay
 from bench.faultproxy import FaultProxy
 from bench.netns import TestNet

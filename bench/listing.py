@@ -104,7 +104,7 @@ def listing_rate(prefix: str, work: Path) -> dict[str, Any]:
 
 def run_job(prefix: str, model: str, work: Path, cancel: bool, timeout: float) -> dict[str, Any]:
     """``batchinf submit --wait`` on the prefix; seconds to the first part, driver peak RSS."""
-    from batchinf.store import JobStore
+    from batchinf.jobstore import JobStore
 
     output, store = work / "out", work / "store"
     argv = [str(Path(sys.executable).with_name("batchinf")), "submit", prefix, "--model", model,

@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.plain_server:
         run_plain_server(args.plain_server, args.port)
         return 0
-    from batchinf.localray import free_port
+    from batchinf.raycluster import free_port
 
     ctx = prepare(args)
     uris = [line.split(",")[0] for line in Path(ctx.manifest).read_text().splitlines()[1:]]

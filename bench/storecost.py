@@ -37,7 +37,7 @@ def _populate(root: str, finished: int) -> None:
     """``finished`` SUCCEEDED jobs, one a night, as the store would have written them."""
     from batchinf import storage
     from batchinf.job import Job, JobSpec, JobState, transition
-    from batchinf.store import _encode
+    from batchinf.jobstore import _encode
 
     start = time.time() - 86400 * (finished + 1)
 
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from moto.server import ThreadedMotoServer
 
-    from batchinf.localray import free_port, start_head
+    from batchinf.raycluster import free_port, start_head
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)

@@ -400,7 +400,7 @@ def _flag(args: list[str], name: str) -> str:
 def served_store(cluster: LocalCluster, root: str, env: dict[str, str]) -> Iterator[object]:
     """A job store at ``root`` served by ``batchinf dispatcher`` running against ``cluster``
     (with ``env`` on top of the cluster's client environment; its log in ``root``)."""
-    from batchinf.store import JobStore
+    from batchinf.jobstore import JobStore
 
     log = open(os.path.join(root, "dispatcher.log"), "wb")  # noqa: SIM115 - closed below
     process = subprocess.Popen(

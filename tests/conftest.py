@@ -54,7 +54,7 @@ def bucket(s3_endpoint: str) -> str:
 @pytest.fixture(scope="session")
 def ray_head(s3_endpoint: str) -> Iterator[Any]:
     """A real one-node Ray cluster (``ray start --head`` on free ports) for the session."""
-    from batchinf.localray import start_head
+    from batchinf.raycluster import start_head
 
     head = start_head(num_cpus=2)
     yield head

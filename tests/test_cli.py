@@ -21,7 +21,7 @@ import pytest
 
 from batchinf.demo import run_demo
 from batchinf.job import JobState
-from batchinf.store import JobStore
+from batchinf.jobstore import JobStore
 
 BATCHINF = str(Path(sys.executable).with_name("batchinf"))  # the console script of this venv
 

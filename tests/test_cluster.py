@@ -21,7 +21,7 @@ import pytest
 import requests
 
 from batchinf.job import Job, JobSpec, JobState
-from batchinf.store import JobStore
+from batchinf.jobstore import JobStore
 from tests.cluster import LocalCluster, served_store
 from tests.conftest import numbered_images, repeated_manifest, until
 from tests.serving import start_server

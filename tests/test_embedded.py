@@ -20,8 +20,8 @@ import psutil
 import pytest
 
 from batchinf.job import JobState
-from batchinf.localray import LocalHead
-from batchinf.store import JobStore
+from batchinf.jobstore import JobStore
+from batchinf.raycluster import LocalHead
 from tests.conftest import until, write_manifest
 from tests.models import write_solid_image
 

@@ -16,7 +16,7 @@ from batchinf import manifest, storage
 from batchinf.decode import RowProblem, fetch
 from batchinf.errors import NotFoundError, PreconditionFailed, TooLarge
 from batchinf.job import JobSpec, JobState
-from batchinf.store import JobStore
+from batchinf.jobstore import JobStore
 from bench.faultproxy import FAULTS, FaultProxy
 from tests.conftest import write_manifest
 from tests.models import write_solid_image

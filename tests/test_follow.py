@@ -8,10 +8,10 @@ import time
 
 import pytest
 
+from batchinf.attempt import RECORD_EVERY_S
 from batchinf.dispatcher import Dispatcher
 from batchinf.job import JobSpec, JobState
-from batchinf.store import JobStore
-from batchinf.worker import RECORD_EVERY_S
+from batchinf.jobstore import JobStore
 from tests.conftest import write_manifest
 from tests.models import write_solid_image
 
@@ -56,7 +56,7 @@ def test_a_follower_sees_rows_and_failures_move_within_seconds(ray_head, image_m
 
 
 def test_the_cancel_check_writes_the_newest_rows_and_a_stall_clears_the_speed(tmp_path, monkeypatch):
-    from batchinf import worker
+    from batchinf import attempt as worker
     from batchinf.progress import Progress
 
     monkeypatch.setattr(worker, "RECORD_EVERY_S", 0.0)

@@ -14,9 +14,9 @@ import duckdb
 import pyarrow.parquet as pq
 import pytest
 
+from batchinf.attempt import execute
 from batchinf.job import JobSpec, JobState
-from batchinf.store import JobStore
-from batchinf.worker import execute
+from batchinf.jobstore import JobStore
 from tests.models import write_solid_image
 
 NEWEST = """

@@ -122,7 +122,7 @@ def test_a_prefix_without_images_fails_before_any_replica(image_model, bucket, t
 
 def test_submit_takes_a_listing_with_include_and_refuses_a_folder_without_images(
         image_model, tmp_path):
-    from batchinf.store import JobStore
+    from batchinf.jobstore import JobStore
     from tests.test_cli import cli_env, only_line, run_cli
 
     write_solid_image(str(tmp_path / "in" / "a.png"), COLOURS[0])

@@ -13,7 +13,7 @@ import yaml
 
 from batchinf import jobfile
 from batchinf.errors import UsageError
-from batchinf.store import JobStore
+from batchinf.jobstore import JobStore
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

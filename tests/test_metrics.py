@@ -10,9 +10,9 @@ from typing import Any
 
 from batchinf.dispatcher import Dispatcher
 from batchinf.job import JobSpec
-from batchinf.localray import free_port
+from batchinf.jobstore import JobStore
 from batchinf.pipeline import run_job
-from batchinf.store import JobStore
+from batchinf.raycluster import free_port
 
 
 def scrape(url: str) -> str:

@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchinf import storage
+from batchinf.attempt import execute
 from batchinf.dispatcher import Dispatcher
 from batchinf.job import JobSpec, JobState, transition
-from batchinf.store import JobStore
-from batchinf.worker import execute
+from batchinf.jobstore import JobStore
 from tests.conftest import drive, numbered_images, repeated_manifest, until, write_manifest
 
 

@@ -14,7 +14,7 @@ import pytest
 from batchinf.cli import _waiting_line
 from batchinf.dispatcher import Dispatcher
 from batchinf.job import JobSpec, JobState
-from batchinf.store import JobStore
+from batchinf.jobstore import JobStore
 from bench.jobsproxy import JobsProxy
 from tests.conftest import drive
 

@@ -26,8 +26,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchinf.job import Job, JobSpec, JobState
+from batchinf.jobstore import JobStore
 from batchinf.progress import Progress
-from batchinf.store import JobStore
 from tests.cluster import LocalCluster, Node, served_store
 from tests.conftest import numbered_images, repeated_manifest, until
 

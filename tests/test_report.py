@@ -15,11 +15,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchinf import drift, jobfile, report, storage
+from batchinf.attempt import execute
 from batchinf.job import JobSpec, JobState, transition
+from batchinf.jobstore import JobStore
 from batchinf.pipeline import run_job
 from batchinf.reportpage import write_page
-from batchinf.store import JobStore
-from batchinf.worker import execute
 from tests.conftest import write_manifest
 from tests.models import write_solid_image
 

@@ -13,7 +13,7 @@ import pytest
 from batchinf import storage
 from batchinf.errors import IllegalTransition, JobNotFound, OutputTaken
 from batchinf.job import Job, JobSpec, JobState, transition
-from batchinf.store import JobStore, default_store_uri
+from batchinf.jobstore import JobStore, default_store_uri
 
 T = TypeVar("T")
 

@@ -15,7 +15,7 @@ import pytest
 from batchinf import storage
 from batchinf.dispatcher import Dispatcher
 from batchinf.job import JobSpec, JobState, transition
-from batchinf.store import JobStore
+from batchinf.jobstore import JobStore
 from bench.faultproxy import FaultProxy
 
 

@@ -1,4 +1,4 @@
-"""``batchinf serve``: run the online classifier (``batchinf.online``) on Ray Serve until stopped.
+"""``batchinf serve``: run the online classifier (``batchinf.online.app``) on Ray Serve until stopped.
 
 Where it runs:
   * no ``--address``: a local Ray started here, and stopped with every process it started;
@@ -111,7 +111,7 @@ def stop_on_signals() -> Iterator[threading.Event]:
 def serve(options: ServeOptions, token: str | None, say: Callable[[str], None]) -> str:
     """Serve until a signal; return the signal's name. ``say`` gets one line per step."""
     from batchinf.model import resolve_model
-    from batchinf.pipeline import ensure_ray, session_dir
+    from batchinf.raycluster import ensure_ray, session_dir
     from batchinf.signature import inspect
 
     options.validate()
@@ -172,15 +172,16 @@ def _quiet_serve_logs() -> None:
 def _start_serve(options: ServeOptions) -> bool:
     """Start Serve at host:port, or check a running one listens there. True if started here."""
     from ray import serve
-    from ray.serve.context import _get_global_client
 
-    running = _get_global_client(raise_if_no_controller_running=False)
+    from batchinf.raycluster import running_serve_address
+
+    running = running_serve_address()
     if running is not None:
-        http = running.http_config
-        if (http.host, http.port) != (options.host, options.port):
+        host, port = running
+        if (host, port) != (options.host, options.port):
             raise BatchinfError(
-                f"Serve already runs on this cluster at {http.host}:{http.port}, not at "
-                f"{options.host}:{options.port}; pass --host {http.host} --port {http.port}, "
+                f"Serve already runs on this cluster at {host}:{port}, not at "
+                f"{options.host}:{options.port}; pass --host {host} --port {port}, "
                 "or stop that Serve first")
         if APP_NAME in serve.status().applications:
             raise BatchinfError(f"a Serve app named {APP_NAME!r} already runs on this cluster "
@@ -196,8 +197,8 @@ def _deploy(options: ServeOptions, source: Any, token: str | None) -> None:
 
     from ray import serve
 
-    from batchinf.online import Classifier, Settings
-    from batchinf.pool import root_cause
+    from batchinf.online.app import Classifier, Settings
+    from batchinf.raycluster import root_cause
 
     threads = math.ceil(options.cpus_per_replica) if options.cpus_per_replica else None
     settings = Settings(

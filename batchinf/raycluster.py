@@ -1,17 +1,23 @@
-"""A local Ray head started with ``ray start --head``: the embedded dispatcher's cluster.
+"""Everything that talks to Ray itself, apart from the job's own actors and tasks.
 
-It is a real one-node cluster with the dashboard and its Jobs API, so jobs launched on it show
-on the dashboard's Jobs page exactly as on a deployed cluster. Its processes are found again
-by their private temp folder, so stopping it never touches another Ray instance.
-
-One store has at most one such head. The dispatcher holding the store's lease records its head
-in the store (``local-head.json``); a dispatcher that takes the store over after a crash adopts
-that head if it still answers (its running jobs go on) or stops what is left of it.
+- Connecting: ``ensure_ray`` (a driver joins a cluster or starts a local Ray), ``jobs_client``
+  (a Ray Jobs API client, with the cluster's auth token), ``session_dir``.
+- The embedded default's local head, started with ``ray start --head``: a real one-node
+  cluster with the dashboard and its Jobs API, so jobs launched on it show on the dashboard's
+  Jobs page exactly as on a deployed cluster. Its processes are found again by their private
+  temp folder, so stopping it never touches another Ray instance. One store has at most one
+  such head: the dispatcher holding the store's lease records it (``local-head.json``); a
+  dispatcher that takes the store over after a crash adopts that head if it still answers
+  (its running jobs go on) or stops what is left of it.
+- Ray's private APIs, each behind one function (``free_resources_per_node``,
+  ``running_serve_address``, ``session_dir``), so a Ray upgrade is checked in one place.
+- ``root_cause``: the original error inside the exceptions Ray wraps.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import socket
@@ -196,7 +202,6 @@ def _wait_for_jobs_api(head: LocalHead, timeout_s: float = 90.0) -> None:
     """The Jobs API answers before its node agent takes jobs: wait until a no-op job runs."""
     import time
 
-    from batchinf.dispatcher import jobs_client
 
     client = jobs_client(head.jobs_address)
     deadline = time.monotonic() + timeout_s
@@ -249,3 +254,147 @@ def process_is_gone(host: str, pid: int) -> bool:
         return True
     except psutil.AccessDenied:
         return False
+
+
+# --- Connecting to Ray: a driver here, or a Jobs API client ---------------------------------
+
+_ADDRESS_VARIABLES = ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS")
+
+
+def jobs_client(address: str) -> Any:
+    """A Ray Jobs API client for ``address`` (``http://head:8265``), errors translated.
+
+    Ray 2.60 clusters may require their auth token. It is sent as a header read from where
+    Ray keeps it (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH``, ``~/.ray/auth_token``), which
+    works whenever Ray was first imported, unlike ``RAY_AUTH_MODE`` (read once, at import).
+    """
+    token = ray_auth_token()
+    if token:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from ray.job_submission import JobSubmissionClient
+
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    # Ray lets RAY_API_SERVER_ADDRESS or RAY_ADDRESS override the address it is given: the
+    # address asked for here is the one used (the client keeps it once made).
+    hidden = {k: os.environ.pop(k) for k in _ADDRESS_VARIABLES if k in os.environ}
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except Exception as exc:
+        raise BatchinfError(f"cannot reach the Ray Jobs API at {address}: {exc}") from exc
+    finally:
+        os.environ.update(hidden)
+
+
+def ray_auth_token() -> str | None:
+    """The Ray auth token this machine is set up with, if any (never logged or stored)."""
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), os.path.expanduser("~/.ray/auth_token")):
+        if path and os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                return f.read().strip() or None
+    return None
+
+
+def ensure_ray(address: str | None = None, *, dashboard: bool | None = None) -> str | None:
+    """Connect to the cluster at ``address``, or start a local Ray instance (embedded default).
+
+    ``dashboard=False`` starts a local instance without the dashboard, for a run that ends
+    with this process: Ray starts about 3 s sooner (docs/performance.md).
+    Returns the dashboard's URL (its Jobs API) when this call started or joined Ray.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return None
+    held = _NoticeHolder()
+    try:
+        with held:
+            context = ray.init(
+                address=address,
+                log_to_driver=False,
+                configure_logging=False,
+                include_dashboard=dashboard,
+            )
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise BatchinfError(f"cannot start or reach Ray ({address or 'RAY_ADDRESS'}): {exc}") from exc
+    held.write_to_session_log()
+    url = getattr(context, "dashboard_url", None)
+    return f"http://{url}" if url and "://" not in url else url
+
+
+class _NoticeHolder(logging.Handler):
+    """Ray's notices while it starts (its token-auth banner) kept from the user's terminal,
+    where only batchinf's own lines go, and written to ``batchinf-driver.log`` in the Ray
+    session's log folder instead."""
+
+    LOGGERS = ("ray._private.authentication.authentication_token_setup",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+        self.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record))
+
+    def __enter__(self) -> _NoticeHolder:
+        for name in self.LOGGERS:
+            logger = logging.getLogger(name)
+            logger.addHandler(self)
+            logger.propagate = False
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name in self.LOGGERS:
+            logger = logging.getLogger(name)
+            logger.removeHandler(self)
+            logger.propagate = True
+
+    def write_to_session_log(self) -> None:
+        folder = session_dir()
+        if not self.lines or folder is None:
+            return
+        with contextlib.suppress(OSError), open(
+            os.path.join(folder, "logs", "batchinf-driver.log"), "a", encoding="utf-8"
+        ) as log:
+            log.write("\n".join(self.lines) + "\n")
+
+
+def session_dir() -> str | None:
+    """The Ray session folder of the instance this process started or joined (None if none)."""
+    from ray._private import worker  # the session folder has no public accessor
+
+    node = getattr(worker, "_global_node", None)
+    return node.get_session_dir_path() if node is not None else None
+
+
+# --- Ray's private APIs, each behind one function here ---------------------------------------
+
+
+def free_resources_per_node() -> dict[str, dict[str, float]]:
+    """Each live node's free resources by node id (Ray has no public accessor for these)."""
+    from ray._private.state import available_resources_per_node
+
+    return available_resources_per_node()
+
+
+def running_serve_address() -> tuple[str, int] | None:
+    """Where the Ray Serve already running on the joined cluster listens, if one runs."""
+    from ray.serve.context import _get_global_client
+
+    running = _get_global_client(raise_if_no_controller_running=False)
+    if running is None:
+        return None
+    http = running.http_config
+    return http.host, http.port
+
+
+def root_cause(exc: BaseException) -> str:
+    """The last line of the original error that Ray wrapped, e.g. ``ModelError: ...``."""
+    text = str(exc)
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        if "Error:" in line or "Exception:" in line:
+            return line.split("batchinf.errors.", 1)[-1]
+    return lines[-1] if lines else type(exc).__name__

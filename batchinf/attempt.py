@@ -18,13 +18,13 @@ from collections.abc import Callable
 from batchinf import drift, metrics
 from batchinf.errors import BatchinfError, InfrastructureError, JobError
 from batchinf.job import MAX_ATTEMPTS, Job, JobState, fail, retry_delay, retry_later, transition
+from batchinf.jobstore import JobStore
 from batchinf.ledger import Ledger
-from batchinf.localray import process_is_gone
 from batchinf.pipeline import run_job
 from batchinf.progress import Progress
-from batchinf.store import JobStore
+from batchinf.raycluster import process_is_gone
 
-log = logging.getLogger("batchinf.worker")
+log = logging.getLogger("batchinf.attempt")
 
 RECORD_EVERY_S = 2.0
 STALLED_AFTER_S = 10.0  # no row done for this long: the record's speed says 0 (and no ETA)

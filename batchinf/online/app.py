@@ -14,7 +14,7 @@ Errors are JSON ``{"error", "error_kind"}`` with the batch rows' kinds (``empty`
 ``bad_request``, ``unsupported_media_type`` and ``unauthorized``.
 
 This module defines the HTTP app and the Serve deployment and does nothing at import; only the
-``serve`` command (``batchinf.server``) and Serve's replicas import it. Each replica builds
+``serve`` command (``batchinf.online.launch``) and Serve's replicas import it. Each replica builds
 its own FastAPI app (``build_api``) once its model is loaded, with the token's digest in the
 auth check's closure. No ``from __future__ import annotations``: FastAPI reads the routes'
 annotations as objects.
