@@ -136,7 +136,7 @@ class Predictor:
         _, kwargs = self._fn.structured_input_signature
         spec = kwargs[self.info.input_name]
         shape = spec.shape.as_list() if spec.shape.rank is not None else None
-        fed = {"kind": self.info.input.kind}
+        fed: dict[str, Any] = {"kind": self.info.input.kind}
         if self.info.input.kind == "image":
             fed |= {"height": self.info.input.height, "width": self.info.input.width}
         return {

@@ -115,7 +115,7 @@ class LocalHead:
         """Where the dashboard's login token is (Ray 2.60 asks for it), without showing it."""
         return token_hint()
 
-    def to_dict(self) -> dict[str, str]:
+    def to_dict(self) -> dict[str, Any]:
         return {"jobs_address": self.jobs_address, "gcs_address": self.gcs_address,
                 "temp_dir": self.temp_dir, "client_port": self.client_port,
                 "metrics_port": self.metrics_port, "host": socket.gethostname()}

@@ -10,7 +10,9 @@ any replica starts, and without importing TensorFlow.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from batchinf import storage
 from batchinf.decode import InputSpec
@@ -75,7 +77,8 @@ def _pick_output(outputs: dict[str, Tensor], where: str) -> tuple[str, int]:
         raise ModelError(f"{where}: no [N, classes] float output among {sorted(outputs)}")
     preferred = [n for n in OUTPUT_PREFERENCE if n in ranked]
     name = preferred[0] if preferred else sorted(ranked)[0]
-    classes = outputs[name].shape[1] if outputs[name].shape else None
+    shape = outputs[name].shape
+    classes = shape[1] if shape else None
     if classes is None:
         raise ModelError(f"{where}: output {name!r} has no fixed number of classes")
     return name, int(classes)
@@ -127,7 +130,8 @@ def _tags(meta_graph: bytes) -> list[bytes]:
 
 
 def _tensor(raw: bytes) -> Tensor:
-    dtype, shape = 0, b""
+    dtype: int = 0
+    shape: bytes = b""
     for field, value in _fields(raw):
         if field == 2:
             dtype = value
@@ -144,10 +148,11 @@ def _tensor(raw: bytes) -> Tensor:
     return Tensor(DTYPES.get(dtype, f"dtype {dtype}"), tuple(dims))
 
 
-def _entries(messages: object) -> list[tuple[bytes, bytes]]:
+def _entries(messages: Iterable[bytes]) -> list[tuple[bytes, bytes]]:
     found = []
-    for entry in messages:  # type: ignore[attr-defined]
-        key, value = b"", b""
+    for entry in messages:
+        key: bytes = b""
+        value: bytes = b""
         for field, part in _fields(entry):
             if field == 1:
                 key = part
@@ -157,13 +162,14 @@ def _entries(messages: object) -> list[tuple[bytes, bytes]]:
     return found
 
 
-def _fields(raw: bytes) -> list[tuple[int, object]]:
+def _fields(raw: bytes) -> list[tuple[int, Any]]:
     """(field number, value) of one protobuf message: ints for varints, bytes when delimited."""
-    found: list[tuple[int, object]] = []
+    found: list[tuple[int, Any]] = []
     at, end = 0, len(raw)
     while at < end:
         key, at = _varint(raw, at)
         field, kind = key >> 3, key & 7
+        value: int | bytes
         if kind == 0:
             value, at = _varint(raw, at)
         elif kind == 2:
