@@ -300,7 +300,7 @@ def ensure_ray(address: str | None = None, *, dashboard: bool | None = None) -> 
     """Connect to the cluster at ``address``, or start a local Ray instance (embedded default).
 
     ``dashboard=False`` starts a local instance without the dashboard, for a run that ends
-    with this process: Ray starts about 3 s sooner (docs/performance.md).
+    with this process: Ray starts about 2 s sooner (docs/performance.md).
     Returns the dashboard's URL (its Jobs API) when this call started or joined Ray.
     """
     import ray
