@@ -81,7 +81,7 @@ class LocalBackend:
         return os.path.exists(local_path(uri))
 
     def delete(self, uri: str) -> None:
-        with contextlib.suppress(FileNotFoundError), os_errors(uri):
+        with os_errors(uri), contextlib.suppress(FileNotFoundError):  # gone already: as on S3
             os.unlink(local_path(uri))
 
     def make_folder(self, folder: str) -> None:
