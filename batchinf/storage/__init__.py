@@ -17,8 +17,8 @@ first S3 call.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from typing import IO, Any
 
 from batchinf.errors import (
@@ -36,7 +36,7 @@ from batchinf.storage.s3 import S3Backend, split_s3
 
 __all__ = [
     "AccessDenied", "Backend", "Listed", "NotFoundError", "OutputNotWritable",
-    "PreconditionFailed", "S3Backend", "StorageError", "TooLarge", "check_writable",
+    "PreconditionFailed", "S3Backend", "StorageError", "TooLarge", "backend_for", "check_writable",
     "configure", "delete", "download_folder", "exists", "is_folder", "is_s3", "join",
     "list_folders", "list_names", "list_pages", "local_path", "open_binary", "open_seekable",
     "read_bytes", "read_with_etag", "s3_backend", "s3_client", "split_s3", "upload_folder",
@@ -68,14 +68,14 @@ def is_s3(uri: str) -> bool:
     return uri.startswith("s3://")
 
 
-def backend(uri: str) -> Backend:
+def backend_for(uri: str) -> Backend:
     """The backend that holds ``uri``."""
     return _s3 if is_s3(uri) else _local
 
 
 def join(base: str, *parts: str) -> str:
     """Join path parts under a folder or an S3 prefix."""
-    return backend(base).join(base, *parts)
+    return backend_for(base).join(base, *parts)
 
 
 def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
@@ -85,20 +85,19 @@ def read_bytes(uri: str, max_bytes: int | None = None) -> bytes:
 
 def read_with_etag(uri: str, max_bytes: int | None = None) -> tuple[bytes, str]:
     """The object's bytes and the etag a later ``write_bytes(if_match=...)`` compares against."""
-    return backend(uri).read(uri, max_bytes)
+    return backend_for(uri).read(uri, max_bytes)
 
 
-@contextlib.contextmanager
-def open_binary(uri: str) -> Iterator[IO[bytes]]:
-    """A byte stream over the object, read as it goes (never loaded whole)."""
-    with backend(uri).open_stream(uri) as stream:
-        yield stream
+def open_binary(uri: str) -> AbstractContextManager[IO[bytes]]:
+    """A byte stream over the object, read as it goes (never loaded whole): ``with
+    open_binary(uri) as stream``."""
+    return backend_for(uri).open_stream(uri)
 
 
 def open_seekable(uri: str) -> IO[bytes]:
     """A seekable byte stream that reads only what is asked for (HTTP Ranges on S3): a
     Parquet reader takes the footer, then the columns it needs, never the whole file."""
-    return backend(uri).open_seekable(uri)
+    return backend_for(uri).open_seekable(uri)
 
 
 def write_bytes(
@@ -111,22 +110,22 @@ def write_bytes(
     If the object is gone, S3 and moto answer 404 (``NotFoundError``) while a local folder and
     some S3-compatible stores give ``PreconditionFailed``: callers should handle both.
     """
-    return backend(uri).write(uri, data, if_none_match=if_none_match, if_match=if_match)
+    return backend_for(uri).write(uri, data, if_none_match=if_none_match, if_match=if_match)
 
 
 def exists(uri: str) -> bool:
-    return backend(uri).exists(uri)
+    return backend_for(uri).exists(uri)
 
 
 def delete(uri: str) -> None:
-    backend(uri).delete(uri)
+    backend_for(uri).delete(uri)
 
 
 def check_writable(folder: str, probe_name: str) -> None:
     """Write and remove ``probe_name`` in ``folder``; ``OutputNotWritable`` naming it if not."""
     probe = join(folder, probe_name)
     try:
-        backend(folder).make_folder(folder)
+        backend_for(folder).make_folder(folder)
         write_bytes(probe, b"")
         delete(probe)
     except StorageError as exc:
@@ -136,24 +135,24 @@ def check_writable(folder: str, probe_name: str) -> None:
 
 def list_names(folder: str) -> list[str]:
     """Names of the objects directly under a folder or S3 prefix, sorted."""
-    return backend(folder).children(folder)[0]
+    return backend_for(folder).children(folder)[0]
 
 
 def list_folders(folder: str) -> list[str]:
     """Names of the sub-folders (S3: common prefixes) directly under a folder, sorted."""
-    return backend(folder).children(folder)[1]
+    return backend_for(folder).children(folder)[1]
 
 
 def is_folder(uri: str) -> bool:
     """An S3 prefix ending in ``/``, or a local folder: something to list, not to read."""
-    return backend(uri).is_folder(uri)
+    return backend_for(uri).is_folder(uri)
 
 
 def list_pages(folder: str, start_after: str | None = None) -> Iterator[list[Listed]]:
     """Every object under a folder or S3 prefix, recursively, in key order, a page at a time
     (one ListObjectsV2 page of up to 1,000 keys; locally, up to 1,000 files of a walk that
     reads one folder at a time). ``start_after``: only the keys after it. Never loads whole."""
-    return backend(folder).pages(folder, start_after)
+    return backend_for(folder).pages(folder, start_after)
 
 
 def download_folder(folder: str, destination: str) -> None:
