@@ -34,7 +34,8 @@ from batchinf.errors import (
     StorageError,
     UsageError,
 )
-from batchinf.manifest import Shard
+from batchinf.rows import Shard
+from batchinf.tables import hidden
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 FROZEN = "_listing"
@@ -64,8 +65,6 @@ def chooser(include: Sequence[str] | None) -> Any:
 def holds_parquet_parts(folder: str) -> bool:
     """Whether the folder's first file (by key, leaving out ``_`` and ``.`` names) is a Parquet
     part: then it is a Parquet manifest in parts (an earlier job's output, say), not a listing."""
-    from batchinf.tables import hidden
-
     for page in _pages(folder, None):
         for item in page:
             if not hidden(item.key):

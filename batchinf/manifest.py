@@ -20,61 +20,16 @@ from __future__ import annotations
 import csv
 import json
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import IO, Any, Protocol
+from typing import IO, Any
 
-from batchinf import storage
+from batchinf import listing, storage, tables
 from batchinf.errors import ManifestError, StorageError
+from batchinf.rows import RESERVED_COLUMNS, URI_COLUMN, Rows, Shard, check_columns, cut
 
-URI_COLUMN = "uri"
-RESERVED_COLUMNS = (
-    "predictions",
-    "top1_label",
-    "top1_score",
-    "error",
-    "error_kind",
-    "model_name",
-    "model_version",
-    "job_id",
-)
-
-
-@dataclass(frozen=True)
-class Shard:
-    """Consecutive manifest rows that are committed together as one Parquet part."""
-
-    index: int
-    first_row: int
-    columns: tuple[str, ...]
-    rows: tuple[tuple[Any, ...], ...]
-    types: tuple[Any, ...] | None = None  # the columns' Arrow types; None: all text
-
-    @property
-    def uris(self) -> list[str]:
-        position = self.columns.index(URI_COLUMN)
-        return [row[position] or "" for row in self.rows]
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-
-class Rows(Protocol):
-    """A manifest of any form, as its columns and a stream of shards."""
-
-    total: int | None  # rows in all, once known (a listing knows at its end)
-
-    @property
-    def types(self) -> tuple[Any, ...] | None:
-        """The columns' Arrow types; None: all text."""
-
-    def check(self) -> tuple[str, ...]:
-        """The columns, after checking that the manifest can give rows; ``ManifestError`` if not."""
-
-    def count(self) -> int | None:
-        """Rows in all, or None while that is not known without reading everything (a listing)."""
-
-    def shards(self, shard_size: int) -> Iterator[Shard]:
-        """Consecutive shards of ``shard_size`` rows (the last may be shorter)."""
+__all__ = [  # the shared pieces live in batchinf.rows; importing them from here still works
+    "RESERVED_COLUMNS", "URI_COLUMN", "CsvRows", "JsonlRows", "Rows", "Shard", "check",
+    "check_columns", "count_rows", "cut", "iter_shards", "open_manifest", "read_columns",
+]
 
 
 def open_manifest(uri: str, include: Sequence[str] | None = None, *, output: str | None = None,
@@ -83,8 +38,6 @@ def open_manifest(uri: str, include: Sequence[str] | None = None, *, output: str
     under ``output`` for ``job_id`` when given), ``.parquet`` and ``.jsonl`` / ``.ndjson``
     by their names, anything else is CSV. A folder whose first file is a Parquet part is a
     Parquet manifest, unless ``include`` chooses what to list."""
-    from batchinf import listing, tables
-
     lower = uri.lower().rstrip("/")
     if lower.endswith(".parquet"):
         return tables.ParquetRows(uri)
@@ -103,39 +56,6 @@ def open_manifest(uri: str, include: Sequence[str] | None = None, *, output: str
 def check(uri: str, include: Sequence[str] | None = None) -> tuple[str, ...]:
     """The manifest's columns, after checking it can give rows (what ``submit`` does first)."""
     return open_manifest(uri, include).check()
-
-
-def cut(rows: Iterator[tuple[Any, ...]], shard_size: int, columns: tuple[str, ...],
-        types: tuple[Any, ...] | None = None, first_index: int = 0,
-        first_row: int = 0) -> Iterator[Shard]:
-    """Rows as consecutive shards of ``shard_size`` (the last may be shorter)."""
-    if shard_size < 1:
-        raise ManifestError(f"shard size must be at least 1, got {shard_size}")
-    batch: list[tuple[Any, ...]] = []
-    index, first = first_index, first_row
-    for row in rows:
-        batch.append(row)
-        if len(batch) == shard_size:
-            yield Shard(index, first, columns, tuple(batch), types)
-            index, first, batch = index + 1, first + shard_size, []
-    if batch:
-        yield Shard(index, first, columns, tuple(batch), types)
-
-
-def check_columns(names: Sequence[str], uri: str) -> tuple[str, ...]:
-    """Column names checked: a ``uri`` among them, none repeated, none the output writes."""
-    columns = tuple(names)
-    if URI_COLUMN not in columns:
-        raise ManifestError(f"manifest {uri} has no 'uri' column (columns: {', '.join(columns)})")
-    duplicated = sorted({c for c in columns if columns.count(c) > 1})
-    if duplicated:
-        raise ManifestError(f"manifest {uri} repeats column(s): {', '.join(duplicated)}")
-    clashing = [c for c in columns if c in RESERVED_COLUMNS]
-    if clashing:
-        raise ManifestError(
-            f"manifest {uri} has column(s) the output writes itself: {', '.join(clashing)}"
-        )
-    return columns
 
 
 def _check_header(header: list[str] | None, uri: str) -> tuple[str, ...]:

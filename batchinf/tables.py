@@ -14,7 +14,7 @@ from typing import Any
 
 from batchinf import storage
 from batchinf.errors import ManifestError, StorageError
-from batchinf.manifest import URI_COLUMN, Shard, check_columns, cut
+from batchinf.rows import URI_COLUMN, Shard, check_columns, cut
 
 
 def hidden(key: str) -> bool:

@@ -17,6 +17,7 @@ from batchinf.decode import RowProblem, fetch
 from batchinf.errors import NotFoundError, PreconditionFailed, TooLarge
 from batchinf.job import JobSpec, JobState
 from batchinf.jobstore import JobStore
+from batchinf.settings import Settings
 from bench.faultproxy import FAULTS, FaultProxy
 from tests.conftest import write_manifest
 from tests.models import write_solid_image
@@ -33,11 +34,11 @@ def through(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Calla
         proxy = FaultProxy(s3_endpoint, **options)  # type: ignore[arg-type]
         made.append(proxy)
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-        monkeypatch.setenv("BATCHINF_S3_READ_TIMEOUT", "1")
-        monkeypatch.setattr(storage, "_clients", {})
+        storage.configure(Settings(s3_read_timeout=1.0))  # a new client, for the proxy
         return proxy
 
     yield make
+    storage.configure(None)  # the next client is made for the endpoint restored by monkeypatch
     for proxy in made:
         proxy.close()
 
@@ -57,13 +58,14 @@ def test_a_whole_object_read_is_one_presigned_get_that_agrees_with_get_object(bu
     uri, data = f"s3://{bucket}/img/a.bin", os.urandom(5000)
     etag = storage.write_bytes(uri, data)
     proxy = through(remember=(f"/{bucket}/img/",))
-    assert storage._presigned_get(uri, bucket, "img/a.bin", None) == (data, etag)
+    s3 = storage.s3_backend()
+    assert s3.presigned_get(uri, None) == (data, etag)
     assert list(proxy.remembered) == [f"/{bucket}/img/a.bin"]  # signed in its query, no Range
     assert storage.s3_client().get_object(Bucket=bucket, Key="img/a.bin")["ETag"] == etag
     with pytest.raises(TooLarge):  # from Content-Length, before the body
-        storage._presigned_get(uri, bucket, "img/a.bin", 4999)
+        s3.presigned_get(uri, 4999)
     # Anything but a 200 is get_object's to answer: its error is the one raised.
-    assert storage._presigned_get(f"s3://{bucket}/img/none", bucket, "img/none", None) is None
+    assert s3.presigned_get(f"s3://{bucket}/img/none", None) is None
     with pytest.raises(NotFoundError):
         storage.read_bytes(f"s3://{bucket}/img/none")
     assert storage.read_with_etag(uri) == (data, etag)

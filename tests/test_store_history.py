@@ -52,10 +52,11 @@ def counted(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Calla
         proxy = FaultProxy(s3_endpoint)
         proxies.append(proxy)
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
-        monkeypatch.setattr(storage, "_clients", {})
+        storage.configure(None)  # a new client, for the proxy
         return proxy
 
     yield start
+    storage.configure(None)  # the next client is made for the endpoint monkeypatch restores
     for proxy in proxies:
         proxy.close()
 
