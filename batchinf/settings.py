@@ -25,10 +25,16 @@ from typing import Any
 PREFIX = "BATCHINF_"
 
 
-def knob(default: Any, description: str, *, group: str, secret: bool = False) -> Any:
-    """A settings field: its default, what it does (one or two sentences), where it belongs."""
+def knob(
+    default: Any, description: str, *, group: str, secret: bool = False, empty: bool = False
+) -> Any:
+    """A settings field: its default, what it does (one or two sentences), where it belongs.
+
+    ``empty``: a variable set to the empty string is a value of its own (for the read policy,
+    "nothing allowed"), not the same as unset; for every other field an empty variable is unset.
+    """
     return field(default=default, metadata={"description": description, "group": group,
-                                            "secret": secret})
+                                            "secret": secret, "empty": empty})
 
 
 @dataclass(frozen=True)
@@ -107,11 +113,13 @@ class Settings:
 
     # -- what a job may read -------------------------------------------------------------------
     local_roots: str | None = knob(
-        None, "Folders (separated by `:`) that jobs may read local files from. Default: any "
-        "local path.", group="access")
+        None, "Folders (separated by `:`) that jobs may read local files from; symlinks and "
+        "`..` are resolved first. Default: any local path; set but empty: none.",
+        group="access", empty=True)
     allowed_buckets: str | None = knob(
-        None, "Comma-separated buckets that jobs may read from. Default: any bucket a "
-        "job's credentials can read.", group="access")
+        None, "Comma-separated buckets that jobs may read from; a job's `--allowed-buckets` "
+        "narrows it further. Default: any bucket a job's credentials can read; set but empty: "
+        "none.", group="access", empty=True)
 
     # -- the online endpoint ----------------------------------------------------------------
     serve_token: str | None = knob(
@@ -121,13 +129,16 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Defaults, overridden by each ``BATCHINF_<NAME>`` variable that is set (and not empty)."""
+        """Defaults, overridden by each ``BATCHINF_<NAME>`` variable that is set (and not
+        empty, unless empty means something for that field). ``SettingError`` names a variable
+        that cannot be read as its field's type."""
         environ = os.environ if environ is None else environ
         given: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = environ.get(variable(f.name))
-            if raw is not None and raw.strip() != "":
-                given[f.name] = _parse(f, raw.strip())
+            if raw is None or (raw.strip() == "" and not f.metadata["empty"]):
+                continue
+            given[f.name] = _parse(f, raw.strip())
         return cls(**given)
 
     def replace(self, **options: Any) -> Settings:
@@ -180,6 +191,8 @@ def _parse(f: dataclasses.Field, raw: str) -> Any:
     except ValueError:
         raise SettingError(f"{variable(f.name)}={raw!r} is not a {kind}") from None
 
+
+DEFAULTS = Settings()  # what a pure function uses when it is given no settings
 
 GROUPS = {
     "where": "Where things are",
