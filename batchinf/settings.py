@@ -58,8 +58,8 @@ class Settings:
         5, "Refused launches in a row after which the job fails (`LaunchRefused`).",
         group="queue")
     progress_every: float = knob(
-        10.0, "Seconds between the plain progress lines written when stderr is not a "
-        "terminal (cron, pipes, CI).", group="queue")
+        10.0, "Seconds between the plain progress lines written instead of a bar when stderr "
+        "or stdout is not a terminal (cron, pipes, CI).", group="queue")
 
     # -- a running job ---------------------------------------------------------------------
     stall_timeout: float = knob(
@@ -70,7 +70,7 @@ class Settings:
         "the attempt fails.", group="job")
     replica_loss_timeout: float = knob(
         300.0, "Seconds a job waits with no live replica (all lost and none placeable) "
-        "before the attempt fails.", group="job")
+        "before the attempt ends as an infrastructure failure (retried).", group="job")
     replan_after: float = knob(
         3.0, "Seconds a job's reservation may stay unplaced after a node is lost before "
         "the job re-plans on the nodes that are alive.", group="job")
@@ -92,8 +92,8 @@ class Settings:
     fetch_threads: int = knob(
         16, "Threads per decode task fetching images.", group="performance")
     decode_nice: int = knob(
-        10, "Niceness added to decode threads when `decode_policy` is `nice`.",
-        group="performance")
+        10, "Niceness added to decode threads when `decode_policy` is `nice`; `0` leaves "
+        "decode threads at the model's priority under either policy.", group="performance")
     decode_policy: str = knob(
         "idle", "`idle`: decode threads run under SCHED_IDLE and take a core only when the "
         "model leaves one; `nice`: they are reniced by `decode_nice` instead.",
