@@ -1,9 +1,13 @@
 """Which image URIs a job may read: ``s3://`` and local paths only, within what is allowed.
 
-    BATCHINF_LOCAL_ROOTS     folders local paths must lie in, separated by ``:``; symlinks and
-                             ``..`` are resolved first. Unset: any local path. Set but empty: none.
-    BATCHINF_ALLOWED_BUCKETS the only buckets ``s3://`` URIs may name, separated by ``,``.
-                             Unset: any bucket. A job's ``--allowed-buckets`` narrows it further.
+The deployment's limits are two settings (``batchinf.settings``):
+
+    local_roots      (BATCHINF_LOCAL_ROOTS) folders local paths must lie in, separated by
+                     ``:``; symlinks and ``..`` are resolved first. Unset: any local path.
+                     Set but empty: none.
+    allowed_buckets  (BATCHINF_ALLOWED_BUCKETS) the only buckets ``s3://`` URIs may name,
+                     separated by ``,``. Unset: any bucket. A job's ``--allowed-buckets``
+                     narrows it further.
 
 Everything else (``http://``, ``https://``, ``gs://``, ``file://`` with a host, an empty cell)
 is refused per row with ``bad_uri``, so a manifest cannot make workers fetch from the network,
@@ -16,8 +20,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-LOCAL_ROOTS_ENV = "BATCHINF_LOCAL_ROOTS"
-BUCKETS_ENV = "BATCHINF_ALLOWED_BUCKETS"
+from batchinf.settings import Settings, variable
+
+LOCAL_ROOTS_ENV = variable("local_roots")  # named in refusals: what an operator would change
 
 
 @dataclass(frozen=True)
@@ -26,13 +31,15 @@ class ReadPolicy:
     buckets: frozenset[str] | None = None  # None: any bucket
 
     @classmethod
-    def from_env(cls, job_buckets: tuple[str, ...] | None = None) -> ReadPolicy:
-        """The deployment's policy (environment), narrowed by the job's own bucket list."""
-        roots_value = os.environ.get(LOCAL_ROOTS_ENV)
+    def from_settings(
+        cls, settings: Settings, job_buckets: tuple[str, ...] | None = None
+    ) -> ReadPolicy:
+        """The deployment's policy (its settings), narrowed by the job's own bucket list."""
         roots = None
-        if roots_value is not None:
-            roots = tuple(os.path.realpath(r) for r in roots_value.split(os.pathsep) if r.strip())
-        buckets = _names(os.environ.get(BUCKETS_ENV))
+        if settings.local_roots is not None:
+            roots = tuple(os.path.realpath(r.strip())
+                          for r in settings.local_roots.split(os.pathsep) if r.strip())
+        buckets = _names(settings.allowed_buckets)
         if job_buckets is not None:
             mine = frozenset(job_buckets)
             buckets = mine if buckets is None else buckets & mine

@@ -4,7 +4,9 @@ The worker claims the job (QUEUED -> RUNNING, which exactly one claimant wins), 
 pipeline, writes its progress to the record every few seconds, stops when a cancel is
 requested, and records how it ended: SUCCEEDED with its summary, CANCELLED, or FAILED through
 ``job.fail`` with the error's type and message. The same code runs in ``submit --wait`` on the
-embedded default and as the entrypoint of a Ray job on a cluster.
+embedded default and as the entrypoint of a Ray job on a cluster: there it is where the job's
+process starts, so it reads the settings once (``Settings.from_env()``, what the dispatcher
+passed on) and hands them down to the pipeline.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from batchinf.ledger import Ledger
 from batchinf.pipeline import run_job
 from batchinf.progress import Progress
 from batchinf.raycluster import process_is_gone
+from batchinf.settings import Settings
 
 log = logging.getLogger("batchinf.attempt")
 
@@ -110,13 +113,15 @@ def execute(
     job_id: str,
     run_id: str,
     on_progress: Callable[[Progress], None] | None = None,
+    settings: Settings | None = None,
 ) -> Job:
-    """Claim a QUEUED job for ``run_id``, run it here, and return its final record."""
+    """Claim a QUEUED job for ``run_id``, run it here, and return its final record.
+    ``settings``: the command's; None reads them from the environment."""
     job = store.claim(job_id, run_id)
     if job is None:
         current = store.get(job_id)
         raise JobError(f"job {job_id} is {current.state.value}, not QUEUED: nothing to run")
-    return run_claimed(store, job_id, run_id, on_progress)
+    return run_claimed(store, job_id, run_id, on_progress, settings)
 
 
 def run_claimed(
@@ -124,8 +129,11 @@ def run_claimed(
     job_id: str,
     run_id: str,
     on_progress: Callable[[Progress], None] | None = None,
+    settings: Settings | None = None,
 ) -> Job:
-    """Run a job already claimed for ``run_id`` (by a dispatcher) and return its final record."""
+    """Run a job already claimed for ``run_id`` (by a dispatcher) and return its final record.
+    ``settings``: the command's; None reads them from the environment (a Ray job's entry)."""
+    settings = Settings.from_env() if settings is None else settings
     job = store.get(job_id)
     if job.state is not JobState.RUNNING or job.ray_job_id != run_id:
         raise JobError(f"job {job_id} is not running as {run_id}: nothing to do")
@@ -135,14 +143,15 @@ def run_claimed(
     try:
         baseline = drift.previous_night(store, job)
         scored = Ledger(store.root, job.spec.name) if job.spec.incremental and job.spec.name else None
-        result = run_job(job_id, job.spec, keeper.progress, keeper.should_stop, baseline, scored)
+        result = run_job(job_id, job.spec, keeper.progress, keeper.should_stop, baseline, scored,
+                         settings)
     except KeyboardInterrupt:
         _finish(store, job_id, run_id, lambda j: transition(j, JobState.CANCELLED))
         raise
     except BatchinfError as exc:
-        return _finish(store, job_id, run_id, _failure(exc))
+        return _finish(store, job_id, run_id, _failure(exc, settings))
     except Exception as exc:  # an unexpected crash still ends the record, never leaves it RUNNING
-        _finish(store, job_id, run_id, _failure(exc))
+        _finish(store, job_id, run_id, _failure(exc, settings))
         raise
     summary = result.summary
     end = JobState.CANCELLED if result.cancelled else JobState.SUCCEEDED
@@ -174,18 +183,21 @@ def _add_to_ledger(store: JobStore, job: Job) -> None:
         log.warning("job %s: not added to the ledger of %s: %s", job.job_id, job.spec.name, exc)
 
 
-def abandon(store: JobStore, job_id: str, run_id: str, exc: BaseException) -> Job:
+def abandon(
+    store: JobStore, job_id: str, run_id: str, exc: BaseException, settings: Settings | None = None
+) -> Job:
     """End a claimed run that could not start (no Ray to run on) as ``exc`` says."""
-    return _finish(store, job_id, run_id, _failure(exc))
+    settings = Settings.from_env() if settings is None else settings
+    return _finish(store, job_id, run_id, _failure(exc, settings))
 
 
-def _failure(exc: BaseException) -> Callable[[Job], Job]:
+def _failure(exc: BaseException, settings: Settings) -> Callable[[Job], Job]:
     """How an attempt that raised ends: retried later if the cluster failed it, else FAILED."""
     kind, message = type(exc).__name__, str(exc)
 
     def change(job: Job) -> Job:
         if isinstance(exc, InfrastructureError) and job.attempt < MAX_ATTEMPTS:
-            return retry_later(job, f"{kind}: {message}", retry_delay(job.attempt))
+            return retry_later(job, f"{kind}: {message}", retry_delay(job.attempt, settings))
         return fail(job, kind, message)
 
     return change

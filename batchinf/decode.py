@@ -32,12 +32,11 @@ import numpy as np
 from batchinf import storage
 from batchinf.access import ReadPolicy
 from batchinf.errors import AccessDenied, NotFoundError, StorageError, TooLarge
+from batchinf.settings import DEFAULTS
 
 MAX_IMAGE_BYTES = 64 * 1024 * 1024
 MAX_IMAGE_PIXELS = 100_000_000
-FETCH_THREADS = 16
 EXIF_ORIENTATION = 0x0112
-DECODE_NICE = 10  # decode threads yield the CPU to the model (see docs/performance.md)
 
 RowErrors = dict[int, tuple[str, str]]
 
@@ -70,9 +69,10 @@ def fail_row(errors: RowErrors, position: int, kind: str, message: str) -> None:
 def fetch(uri: str, max_bytes: int = MAX_IMAGE_BYTES, policy: ReadPolicy | None = None) -> bytes:
     """The bytes of one image, or a ``RowProblem`` saying what went wrong.
 
-    ``policy`` says which URIs may be read (``batchinf.access``); by default, this process's.
+    ``policy`` says which URIs may be read (``batchinf.access``); None: any ``s3://`` or local
+    path (a job always passes its own, from the deployment's settings).
     """
-    refusal = (policy or ReadPolicy.from_env()).refusal(uri)
+    refusal = (policy or ReadPolicy()).refusal(uri)
     if refusal:
         raise RowProblem("bad_uri", refusal)
     try:
@@ -167,18 +167,18 @@ def check_image(data: bytes, max_pixels: int = MAX_IMAGE_PIXELS) -> None:
         raise RowProblem("corrupt_image", f"cannot decode: {exc}") from exc
 
 
-def _lower_priority(nice: int) -> None:
+def _lower_priority(nice: int, decode_policy: str = DEFAULTS.decode_policy) -> None:
     """Make the calling thread (only it: Linux scheduling is per thread) yield to the model's.
 
     By default the thread runs under ``SCHED_IDLE``: it gets a core when the model's threads
-    leave one, and barely any when they want it. ``BATCHINF_DECODE_POLICY=nice`` instead adds
+    leave one, and barely any when they want it. ``decode_policy`` ``nice`` instead adds
     ``nice`` to the thread's own niceness: Ray starts workers, replicas included, at 15, so
     decode runs at 19, which still takes about a third of a contended core (docs/performance.md).
     """
     if nice <= 0 or not sys.platform.startswith("linux"):  # elsewhere the id could name a process
         return
     tid = threading.get_native_id()
-    if os.environ.get("BATCHINF_DECODE_POLICY", "idle") == "idle":
+    if decode_policy == "idle":
         with contextlib.suppress(OSError, AttributeError):
             os.sched_setscheduler(tid, os.SCHED_IDLE, os.sched_param(0))
             return
@@ -187,13 +187,18 @@ def _lower_priority(nice: int) -> None:
 
 
 def decode_batch(
-    uris: list[str], spec: InputSpec, threads: int = FETCH_THREADS, nice: int = DECODE_NICE,
+    uris: list[str],
+    spec: InputSpec,
+    threads: int = DEFAULTS.fetch_threads,
+    nice: int = DEFAULTS.decode_nice,
     policy: ReadPolicy | None = None,
+    decode_policy: str = DEFAULTS.decode_policy,
 ) -> DecodedBatch:
     """Fetch and decode ``uris`` in threads: fetches wait on I/O, Pillow releases the GIL.
 
-    The threads run at lower priority (``nice``): where decode shares cores with a replica, the
-    model keeps the CPU it needs and decode fills the gaps, still well ahead of the model.
+    The threads run at lower priority (``decode_policy``, ``nice``): where decode shares cores
+    with a replica, the model keeps the CPU it needs and decode fills the gaps, still well
+    ahead of the model. ``policy``: what the job may read (None: any s3:// or local path).
     """
 
     def one(uri: str) -> np.ndarray | bytes:
@@ -202,7 +207,8 @@ def decode_batch(
     batch = DecodedBatch(size=len(uris), positions=[])
     results: list[np.ndarray | bytes] = []
     workers = max(1, min(threads, len(uris)))
-    with ThreadPoolExecutor(workers, initializer=_lower_priority, initargs=(nice,)) as pool:
+    with ThreadPoolExecutor(workers, initializer=_lower_priority,
+                            initargs=(nice, decode_policy)) as pool:
         futures = [pool.submit(one, uri) for uri in uris]
         for position, future in enumerate(futures):
             try:

@@ -13,7 +13,8 @@ Each round it
    round requeues. A launch the cluster refuses (the Jobs API answers an error) puts the job
    back in the queue with a doubling back-off and the reason in its record, and fails it after
    ``BATCHINF_LAUNCH_REFUSALS`` refusals in a row; a submission that landed although its
-   answer was lost is found by its id and adopted.
+   answer was lost is found by its id and adopted. Each Ray job gets the dispatcher's own
+   settings (those that differ from the defaults, secrets left out) as its environment.
 
 A round reads only the QUEUED and RUNNING jobs (the store's state index), and the lease is
 renewed every third of its time, so an idle dispatcher costs a few store requests a round
@@ -50,12 +51,12 @@ from batchinf.job import (
 )
 from batchinf.jobstore import JobStore
 from batchinf.raycluster import adopt_or_start, jobs_client, process_is_gone
+from batchinf.settings import Settings
 
 log = logging.getLogger("batchinf.dispatcher")
 
 CANCEL_GRACE_S = 30.0
 FINISHED_COUNT_EVERY_S = 60.0  # how often the metrics count finished jobs (listings of history)
-_SECRET_WORDS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
 _ENDED = {"SUCCEEDED", "FAILED", "STOPPED"}
 
 
@@ -69,6 +70,8 @@ class Dispatcher:
     python: str = sys.executable
     owner: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     metrics_port: int | None = None  # serve batchinf_jobs (queue depth) for Prometheus here
+    # Read once when the dispatcher starts; passed on to every job it launches.
+    settings: Settings = field(default_factory=Settings.from_env)
 
     def __post_init__(self) -> None:
         self.head: Any = None
@@ -164,7 +167,7 @@ class Dispatcher:
             reason = f"its Ray job {stale_id} ended as {status or 'gone'} (driver or its node lost)"
             if current.attempt >= MAX_ATTEMPTS:
                 return fail(current, "Crashed", f"{reason}, {current.attempt} attempts")
-            return retry_later(current, reason, retry_delay(current.attempt))
+            return retry_later(current, reason, retry_delay(current.attempt, self.settings))
 
         after = self.store.update(job.job_id, requeue)
         log.warning("job %s: Ray job %s is %s; now %s", job.job_id, stale_id, status, after.state)
@@ -179,12 +182,13 @@ class Dispatcher:
             [self.python, "-m", "batchinf.cli", "run", job.job_id, "--run-id", ray_job_id,
              "--store", self.store.root]
         )
+        env = self.settings.as_env()
         try:
             self.client.submit_job(
                 entrypoint=entrypoint,
                 submission_id=ray_job_id,
                 metadata={"batchinf_job_id": job.job_id, "attempt": str(claimed.attempt)},
-                runtime_env={"env_vars": knobs()} if knobs() else None,
+                runtime_env={"env_vars": env} if env else None,
             )
         except Exception as exc:
             if not self._ours_already(job.job_id, ray_job_id):
@@ -208,7 +212,8 @@ class Dispatcher:
     def _refused(self, job_id: str, ray_job_id: str, exc: Exception) -> None:
         """The cluster refused the launch: back off and queue again, or fail after too many."""
         reason = _one_line(exc)
-        after = self.store.update(job_id, lambda j: refuse_launch(j, ray_job_id, reason))
+        after = self.store.update(
+            job_id, lambda j: refuse_launch(j, ray_job_id, reason, settings=self.settings))
         if after.state is JobState.FAILED:
             log.error("job %s: launch refused %d times; failed: %s", job_id,
                       after.launch_refusals, reason)
@@ -279,14 +284,6 @@ def _one_line(exc: BaseException, limit: int = 300) -> str:
     """An exception as one short line, for a record and a status line."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def knobs() -> dict[str, str]:
-    """``BATCHINF_*`` settings of the dispatcher, passed on to each job (never a secret)."""
-    return {
-        k: v for k, v in os.environ.items()
-        if k.startswith("BATCHINF_") and not any(w in k for w in _SECRET_WORDS)
-    }
 
 
 def nudge(owner: str) -> bool:

@@ -1,13 +1,12 @@
 """Showing a job's progress in the terminal: the CLI's side of the progress callback.
 
 On a terminal: a tqdm bar (done/total, images/s, ETA, failed rows). Anywhere else (cron,
-a pipe, CI): one plain log line every ``BATCHINF_PROGRESS_EVERY`` seconds (default 10).
+a pipe, CI): one plain log line every ``progress_every`` seconds (a setting, default 10).
 Both go to stderr, so stdout keeps only the result (and ``--json`` stays parseable).
 """
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from types import TracebackType
 from typing import Any
 
 from batchinf.progress import Progress
+from batchinf.settings import Settings
 
 
 def _format_eta(seconds: float | None) -> str:
@@ -61,15 +61,26 @@ class Snapshot:
 
 
 class ProgressDisplay:
-    """A context manager whose ``update`` is the pipeline's progress callback."""
+    """A context manager whose ``update`` is the pipeline's progress callback.
 
-    def __init__(self, job_id: str, *, quiet: bool = False, every_s: float | None = None) -> None:
+    ``every_s`` between plain lines: given, else the ``progress_every`` of ``settings`` (the
+    command's; None reads them from the environment).
+    """
+
+    def __init__(
+        self,
+        job_id: str,
+        *,
+        quiet: bool = False,
+        every_s: float | None = None,
+        settings: Settings | None = None,
+    ) -> None:
         self._job_id = job_id
         self._quiet = quiet
         self._tty = sys.stderr.isatty() and sys.stdout.isatty()
-        self._every = every_s if every_s is not None else float(
-            os.environ.get("BATCHINF_PROGRESS_EVERY", "10")
-        )
+        if every_s is None:
+            every_s = (Settings.from_env() if settings is None else settings).progress_every
+        self._every = every_s
         self._bar: Any = None
         self._last_line = 0.0
         self._last: Progress | Snapshot | None = None

@@ -24,6 +24,7 @@ from enum import StrEnum
 from typing import Any
 
 from batchinf.errors import IllegalTransition, JobError, UsageError
+from batchinf.settings import DEFAULTS, Settings
 
 MAX_ATTEMPTS = 3  # attempts the infrastructure may end before the job fails
 HISTORY_KEPT = 20  # entries of ``attempts`` a record keeps (the newest); older ones are counted
@@ -259,36 +260,23 @@ def retry_later(job: Job, reason: str, delay_s: float, *, now: float | None = No
     return requeued
 
 
-def retry_delay(attempt: int) -> float:
-    """Seconds before attempt ``attempt + 1`` after an infrastructure failure: doubling, capped.
-
-    ``BATCHINF_RETRY_DELAY`` sets the first delay (default 15 s).
-    """
-    import os
-
-    first = float(os.environ.get("BATCHINF_RETRY_DELAY", "15"))
-    return float(min(300.0, first * 2 ** max(0, attempt - 1)))
+def retry_delay(attempt: int, settings: Settings = DEFAULTS) -> float:
+    """Seconds before attempt ``attempt + 1`` after an infrastructure failure: doubling from
+    ``settings.retry_delay``, capped at 5 minutes."""
+    return float(min(300.0, settings.retry_delay * 2 ** max(0, attempt - 1)))
 
 
-def launch_backoff(refusals: int) -> float:
+def launch_backoff(refusals: int, settings: Settings = DEFAULTS) -> float:
     """Seconds before launching again after ``refusals`` refused launches in a row: doubling
-    from ``BATCHINF_LAUNCH_BACKOFF`` (default 15 s), capped at 10 minutes."""
-    import os
-
-    first = float(os.environ.get("BATCHINF_LAUNCH_BACKOFF", "15"))
-    return float(min(600.0, first * 2 ** max(0, refusals - 1)))
+    from ``settings.launch_backoff``, capped at 10 minutes."""
+    return float(min(600.0, settings.launch_backoff * 2 ** max(0, refusals - 1)))
 
 
-def launch_refusals_allowed() -> int:
-    """Refused launches in a row after which the job fails (``BATCHINF_LAUNCH_REFUSALS``, 5)."""
-    import os
-
-    return max(1, int(os.environ.get("BATCHINF_LAUNCH_REFUSALS", "5")))
-
-
-def refuse_launch(job: Job, run_id: str, reason: str, *, now: float | None = None) -> Job:
+def refuse_launch(
+    job: Job, run_id: str, reason: str, *, settings: Settings = DEFAULTS, now: float | None = None
+) -> Job:
     """The cluster refused to launch ``run_id``: back to QUEUED with a back-off, or FAILED once
-    ``launch_refusals_allowed()`` launches in a row were refused. The attempt never started,
+    ``settings.launch_refusals`` launches in a row were refused. The attempt never started,
     so it does not count against ``MAX_ATTEMPTS`` and adds no history: a job refused for days
     keeps a record of the same size. Unchanged if the job no longer runs as ``run_id``.
     """
@@ -296,7 +284,7 @@ def refuse_launch(job: Job, run_id: str, reason: str, *, now: float | None = Non
         return job
     now = time.time() if now is None else now
     refusals = job.launch_refusals + 1
-    if refusals >= launch_refusals_allowed():
+    if refusals >= max(1, settings.launch_refusals):
         failed = fail(job, "LaunchRefused",
                       f"launch refused by the cluster {refusals} times in a row: {reason}", now=now)
         failed.attempt = max(0, job.attempt - 1)
@@ -305,7 +293,7 @@ def refuse_launch(job: Job, run_id: str, reason: str, *, now: float | None = Non
     requeued = transition(job, JobState.QUEUED, now=now)
     requeued.attempts, requeued.attempts_dropped = job.attempts, job.attempts_dropped
     requeued.attempt = max(0, job.attempt - 1)
-    requeued.retry_at = now + launch_backoff(refusals)
+    requeued.retry_at = now + launch_backoff(refusals, settings)
     requeued.launch_refusals, requeued.launch_error = refusals, reason
     return requeued
 
@@ -332,7 +320,6 @@ __all__ = [
     "check_transition",
     "fail",
     "launch_backoff",
-    "launch_refusals_allowed",
     "new_job_id",
     "refuse_launch",
     "retry_delay",

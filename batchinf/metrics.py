@@ -13,6 +13,9 @@ Ray exports them from every process that records them, with its own ``ray_`` pre
     batchinf_serve_batch_size      histogram  model             requests per model call (serve)
     batchinf_drift_psi             gauge      job_id, measure   PSI against the previous night
 
+``batchinf_jobs`` is the one exception: the dispatcher is no Ray driver, so it serves that
+gauge itself, unprefixed, on its ``--metrics-port`` (``Dispatcher._export_queue``).
+
 The busy share is set every few seconds while a job runs (``PredictorPool.report_busy``) and
 once more when it ends, so a dashboard shows an idle replica while it is idle.
 
@@ -47,8 +50,6 @@ def _metric(name: str) -> Any:
         "batchinf_replica_busy_ratio": lambda: metrics.Gauge(
             name, description="Share of the job's processing time a replica spent in the model.",
             tag_keys=("job_id", "replica")),
-        "batchinf_jobs": lambda: metrics.Gauge(
-            name, description="Jobs in the store, by state.", tag_keys=("state",)),
         "batchinf_job_outcomes": lambda: metrics.Counter(
             name, description="Job attempts ended, by how they ended.",
             tag_keys=("state", "reason")),
@@ -81,11 +82,6 @@ def batch_done(job_id: str, model: str, rows: int, failed_by_kind: dict[str, int
 def replica_busy(job_id: str, replica: str, ratio: float) -> None:
     """A replica's share of the job's processing time so far spent inside the model."""
     _record("batchinf_replica_busy_ratio", "set", ratio, {"job_id": job_id, "replica": replica})
-
-
-def queue_depth(counts: dict[str, int]) -> None:
-    for state, count in counts.items():
-        _record("batchinf_jobs", "set", count, {"state": state})
 
 
 def job_outcome(state: str, reason: str) -> None:

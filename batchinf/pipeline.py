@@ -46,11 +46,11 @@ from batchinf.planner import Plan
 from batchinf.pool import PredictorPool
 from batchinf.predictor import PredictedBatch
 from batchinf.progress import Progress
+from batchinf.settings import Settings
 from batchinf.signature import inspect
 
 INCREMENTAL = "_incremental.json"  # an incremental night's plan: the ledger files it skips by
 BATCH_TRIES = 5  # sends of one batch before its loss ends the attempt as an infrastructure error
-STALL_TIMEOUT_S = float(os.environ.get("BATCHINF_STALL_TIMEOUT", "900"))
 
 
 @dataclass
@@ -90,10 +90,13 @@ class JobRunner:
         should_stop: Callable[[], bool] | None = None,
         baseline: drift.Baseline | None = None,
         ledger: Ledger | None = None,
+        *,
+        settings: Settings,
     ) -> None:
         spec.validate()
         self.job_id = job_id
         self.spec = spec
+        self.settings = settings
         self._on_progress = on_progress or (lambda progress: None)
         self._should_stop = should_stop or (lambda: False)
         self._errors_by_kind: dict[str, int] = {}
@@ -143,7 +146,8 @@ class JobRunner:
             sink.write_success(spec.output, summary)
             return JobResult(summary)
         pool = PredictorPool(
-            source, spec, self.job_id, on_wait=self._waiting, should_stop=self._should_stop
+            source, spec, self.job_id, on_wait=self._waiting, should_stop=self._should_stop,
+            settings=self.settings,
         )
         try:
             reserved = pool.reserve()
@@ -151,16 +155,20 @@ class JobRunner:
                 return JobResult(self._summary(source, columns, progress, None), cancelled=True)
             pool.launch()  # the replicas load the model while the first batches decode
             task = ray.remote(decode_batch)
-            policy = ReadPolicy.from_env(
+            policy = ReadPolicy.from_settings(
+                self.settings,
                 tuple(spec.allowed_buckets) if spec.allowed_buckets is not None else None)
+            decode_policy = self.settings.decode_policy
 
             def decode(uris: list[str]) -> Any:
                 """A decode task in the pool's reservation of now (a replaced one's is gone)."""
                 return task.options(**pool.decode_options()).remote(
-                    uris, info.input, reserved.fetch_threads, reserved.decode_nice, policy)
+                    uris, info.input, reserved.fetch_threads, reserved.decode_nice, policy,
+                    decode_policy)
 
             self._decode = decode
-            self._prefetch = _prefetch_batches(info.input, spec.batch_size, reserved.max_in_flight)
+            self._prefetch = _prefetch_batches(info.input, spec.batch_size, reserved.max_in_flight,
+                                               self.settings.prefetch_mb)
             cancelled = self._stream(pool, committed, progress)
             if not cancelled:  # a cancelled replica's queue may still hold batches: don't wait
                 busy = pool.busy_by_replica()
@@ -321,8 +329,9 @@ class JobRunner:
             if batch.work.waiting == 0:
                 self._commit(batch.work)
         self._dispatch(pool, progress)
-        if self._in_flight and time.monotonic() - self._last_batch > STALL_TIMEOUT_S:
-            raise InfrastructureError(f"no batch finished for {STALL_TIMEOUT_S:.0f}s")
+        stall = self.settings.stall_timeout
+        if self._in_flight and time.monotonic() - self._last_batch > stall:
+            raise InfrastructureError(f"no batch finished for {stall:.0f}s")
         return False
 
     def _decode_lost(self, pool: PredictorPool) -> None:
@@ -498,22 +507,23 @@ def run_job(
     should_stop: Callable[[], bool] | None = None,
     baseline: drift.Baseline | None = None,
     ledger: Ledger | None = None,
+    settings: Settings | None = None,
 ) -> JobResult:
     """Run a whole job on the Ray instance this process is connected to; with a ``baseline``,
     its summary carries its drift against it; with a ``ledger``, only rows it does not hold as
-    scored are scored (an incremental night)."""
-    return JobRunner(job_id, spec, on_progress, should_stop, baseline, ledger).run()
+    scored are scored (an incremental night). ``settings``: the process's, read where it
+    started; None reads them from the environment now."""
+    settings = Settings.from_env() if settings is None else settings
+    return JobRunner(job_id, spec, on_progress, should_stop, baseline, ledger,
+                     settings=settings).run()
 
 
-PREFETCH_MB = float(os.environ.get("BATCHINF_PREFETCH_MB", "512"))
-
-
-def _prefetch_batches(spec: Any, batch_size: int, floor: int) -> int:
+def _prefetch_batches(spec: Any, batch_size: int, floor: int, prefetch_mb: float) -> int:
     """How many batches may decode ahead while no replica holds the model yet: as many as
-    ``PREFETCH_MB`` of decoded pixels (or of encoded files, ~256 KB a row, for models that
+    ``prefetch_mb`` of decoded pixels (or of encoded files, ~256 KB a row, for models that
     take them), and never fewer than the steady state's ``floor``."""
     row = spec.height * spec.width * 3 if spec.kind == "image" and spec.height else 256 * 1024
-    return max(floor, int(PREFETCH_MB * 1024 * 1024 // (row * batch_size)))
+    return max(floor, int(prefetch_mb * 1024 * 1024 // (row * batch_size)))
 
 
 def _resolve(manifest_uri: str, uri: str) -> str:

@@ -1,8 +1,8 @@
 """The resource plan: what each replica and decode task reserves, and where it can go.
 
 Planned per node, never per cluster total: a demand is only worth making if it fits whole on
-one node. The planner is pure (node resource dicts in, a ``Plan`` out), so any cluster shape can
-be tested without a cluster::
+one node. The planner is pure (node resource dicts and ``Settings`` in, a ``Plan`` out: it reads
+no environment), so any cluster shape can be tested without a cluster::
 
     nodes (live: total and free resources)  ──►  sizes: CPUs per replica, CPUs per decode task
     spec (replicas, CPUs, GPUs, resources)       how many replicas fit in what is free now
@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from batchinf.decode import DECODE_NICE, FETCH_THREADS
 from batchinf.errors import JobFailed
 from batchinf.job import JobSpec
+from batchinf.settings import DEFAULTS, Settings
 
 DECODE_CPUS_PER_GPU = 4.0  # docs/performance.md: a GPU replica outruns one CPU of decode ~10x
 DECODE_CPUS_BESIDE_CPU_REPLICAS = 0.5  # a CPU model spends ~10x decode's CPU per image
@@ -107,7 +106,7 @@ class Plan:
         return data
 
 
-def model_streams(threads: int, gpu: bool = False) -> int:
+def model_streams(threads: int, gpu: bool = False, given: int | None = None) -> int:
     """Into how many parts a CPU replica splits each batch, run at once on its ``threads``.
 
     One call spread over every core waits at each layer for its slowest thread, so a core
@@ -116,11 +115,10 @@ def model_streams(threads: int, gpu: bool = False) -> int:
     thread each run layer after layer without waiting for each other (docs/performance.md).
     The parts together are one batch, so memory does not grow. At most
     ``MAX_MODEL_STREAMS``, with the threads shared out among them on bigger nodes; a GPU
-    replica runs each batch whole. ``BATCHINF_MODEL_STREAMS`` overrides.
+    replica runs each batch whole. ``given`` (the ``model_streams`` setting) overrides.
     """
-    given = os.environ.get("BATCHINF_MODEL_STREAMS")
-    if given:
-        return max(1, int(given))
+    if given is not None:
+        return max(1, given)
     return 1 if gpu else max(1, min(threads, MAX_MODEL_STREAMS))
 
 
@@ -133,7 +131,10 @@ def special_needs(spec: JobSpec) -> dict[str, float]:
 
 
 def plan(
-    nodes: Sequence[NodeView], spec: JobSpec, node_types: Sequence[dict[str, float]] = ()
+    nodes: Sequence[NodeView],
+    spec: JobSpec,
+    node_types: Sequence[dict[str, float]] = (),
+    settings: Settings = DEFAULTS,
 ) -> Plan:
     """Plan ``spec`` on ``nodes`` (live) given what is free now; see the module docstring."""
     needs = special_needs(spec)
@@ -142,7 +143,7 @@ def plan(
     for count in (spec.replicas_max, spec.replicas_min):  # all of them, else at least MIN
         found = _fit(nodes, spec, needs, count, wanted_decode, free=True)
         if found is not None:
-            return _finish(found, spec, count)
+            return _finish(found, spec, count, settings)
     # Nothing fits in what is free: size against the nodes' totals, or with nodes the
     # autoscaler can add, and wait for room; if neither can ever hold it, fail now.
     found = _fit(nodes, spec, needs, spec.replicas_min, wanted_decode, free=False)
@@ -157,7 +158,7 @@ def plan(
             f"more each, with decode CPUs beside them, do not fit on the cluster's nodes "
             f"({', '.join(_offered(nodes, node_types))}); ask for fewer replicas or CPUs"
         )
-    result = _finish(found, spec, 0)
+    result = _finish(found, spec, 0, settings)
     demand = describe(result.replica)
     return dataclasses.replace(
         result, waiting=f"{reason}: {spec.replicas_min} replica(s) need {demand} each, "
@@ -172,6 +173,7 @@ def replan(
     node_types: Sequence[dict[str, float]] = (),
     *,
     resize: bool = True,
+    settings: Settings = DEFAULTS,
 ) -> Plan | None:
     """Plan a running job again on ``nodes`` (what is alive and free) after it lost some.
 
@@ -190,10 +192,10 @@ def replan(
         for count in range(spec.replicas_max, 0, -1):
             found = _pack(nodes, dict(replica), count, wanted_decode, floor, free=True)
             if found is not None:
-                return _finish(found, spec, count)
+                return _finish(found, spec, count, settings)
     if not resize:
         return None
-    return plan(nodes, dataclasses.replace(spec, replicas_min=1), node_types)
+    return plan(nodes, dataclasses.replace(spec, replicas_min=1), node_types, settings)
 
 
 def _wanted_decode(spec: JobSpec) -> float:
@@ -213,8 +215,7 @@ class _Fit:
     avoid: tuple[str, ...]
 
 
-def _finish(found: _Fit, spec: JobSpec, count: int) -> Plan:
-    threads = os.environ.get("BATCHINF_TF_THREADS")
+def _finish(found: _Fit, spec: JobSpec, count: int, settings: Settings) -> Plan:
     cpus = found.replica.get("CPU", 0.0)
     waiting = None
     if 0 < count < spec.replicas_max:
@@ -222,7 +223,10 @@ def _finish(found: _Fit, spec: JobSpec, count: int) -> Plan:
             f"waiting for {spec.replicas_max - count} of {spec.replicas_max} replicas: "
             f"needs {describe(found.replica)}"
         )
-    tf_threads = int(threads) if threads else max(1, math.ceil(cpus - _EPS))
+    tf_threads = settings.tf_threads
+    if tf_threads is None:  # one thread per reserved CPU (half a CPU still gets one)
+        tf_threads = max(1, math.ceil(cpus - _EPS))
+    gpu = found.replica.get("GPU", 0.0) > 0
     return Plan(
         replica=found.replica,
         decode_cpus=found.decode_cpus,
@@ -230,9 +234,9 @@ def _finish(found: _Fit, spec: JobSpec, count: int) -> Plan:
         replicas_now=count,
         replicas_max=spec.replicas_max,
         tf_threads=tf_threads,
-        model_streams=model_streams(tf_threads, gpu=found.replica.get("GPU", 0.0) > 0),
-        fetch_threads=int(os.environ.get("BATCHINF_FETCH_THREADS") or FETCH_THREADS),
-        decode_nice=int(os.environ.get("BATCHINF_DECODE_NICE") or DECODE_NICE),
+        model_streams=model_streams(tf_threads, gpu, settings.model_streams),
+        fetch_threads=settings.fetch_threads,
+        decode_nice=settings.decode_nice,
         avoid_nodes=found.avoid,
         waiting=waiting,
         placement=found.placement,

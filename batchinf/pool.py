@@ -13,20 +13,20 @@ them again and the replicas and decode tasks that were there restart in them. Wh
 nothing may wait for them (a task or replica bound to a bundle that cannot come back waits
 forever), so the reservation is replaced (``_watch``)::
 
-    reservation not placed whole for REPLAN_AFTER_S ──► every replica stopped, group removed
+    reservation not placed whole for ``replan_after`` s ──► every replica stopped, group removed
         ──► ``replan`` on what is alive (replicas keep their size; fewer of them, fewer decode
             CPUs) ──► a new group ──► replicas launched in it (the rest wait for room, and
             join when a node does, up to MAX) ──► the driver decodes again what was lost
 
 Survivors are stopped too, since a replica cannot leave its group: the price is one model
 load, seconds. While no replica is ready the job says why (``waiting_reason``); only when none
-has been alive for ``REPLICA_LOSS_TIMEOUT`` does the attempt end (``InfrastructureError``,
-which the dispatcher retries).
+has been alive for ``replica_loss_timeout`` seconds does the attempt end
+(``InfrastructureError``, which the dispatcher retries). Those times, and the node types an
+autoscaler may add, are the job's settings (``batchinf.settings``), handed to the pool.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -42,13 +42,11 @@ from batchinf.model import ModelSource
 from batchinf.planner import NodeView, Plan, describe, plan, replan
 from batchinf.predictor import Predictor
 from batchinf.raycluster import free_resources_per_node, root_cause
+from batchinf.settings import DEFAULTS, Settings
 
 log = logging.getLogger("batchinf.pool")
 
-START_TIMEOUT_S = float(os.environ.get("BATCHINF_REPLICA_START_TIMEOUT", "600"))
-REPLICA_LOSS_TIMEOUT_S = float(os.environ.get("BATCHINF_REPLICA_LOSS_TIMEOUT", "300"))
 PLACEMENT_WAIT_S = 10.0  # a reservation not placed by then is re-planned from what is free
-REPLAN_AFTER_S = float(os.environ.get("BATCHINF_REPLAN_AFTER", "3"))  # Ray re-places in < 1 s
 WATCH_EVERY_S = 1.0  # how often the reservation's state is read while the job runs
 SETTLE_S = 5.0  # until then a re-plan keeps the replicas' size: stopped ones' room may show late
 BUSY_EVERY_S = 5.0  # how often each replica's busy share is exported while the job runs
@@ -67,15 +65,15 @@ def live_nodes() -> list[NodeView]:
     ]
 
 
-def autoscaler_node_types() -> list[dict[str, float]]:
+def autoscaler_node_types(settings: Settings = DEFAULTS) -> list[dict[str, float]]:
     """Resources of the worker node types the autoscaler may add (none if it cannot add any).
 
-    From ``BATCHINF_NODE_TYPES`` (a JSON list of resource dicts), else from the autoscaling
+    From the ``node_types`` setting (a JSON list of resource dicts), else from the autoscaling
     config that ``ray up`` leaves on the head (``~/ray_bootstrap_config.yaml``).
     """
-    given = os.environ.get("BATCHINF_NODE_TYPES")
-    if given:
-        return [dict(t) for t in json.loads(given)]
+    given = settings.node_type_list
+    if given is not None:
+        return given
     path = os.path.expanduser("~/ray_bootstrap_config.yaml")
     if not os.path.exists(path):
         return []
@@ -113,9 +111,12 @@ class PredictorPool:
         name_prefix: str,
         on_wait: Callable[[str | None], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
+        *,
+        settings: Settings,
     ) -> None:
         self._source = source
         self._spec = spec
+        self._settings = settings
         self._prefix = f"{name_prefix}-{secrets.token_hex(2)}"
         self._on_wait = on_wait or (lambda reason: None)
         self._should_stop = should_stop or (lambda: False)
@@ -145,10 +146,6 @@ class PredictorPool:
         assert self.plan is not None
         return max(self.plan.max_in_flight, 2 * len(self._busy) + 1)
 
-    @property
-    def ready_count(self) -> int:
-        return len(self._busy)
-
     def reserve(self) -> Plan | None:
         """Plan from the live nodes and reserve it; waits (saying why) while nothing fits.
 
@@ -157,11 +154,11 @@ class PredictorPool:
         """
         from ray.util.placement_group import remove_placement_group
 
-        node_types = autoscaler_node_types()
+        node_types = autoscaler_node_types(self._settings)
         while not self._should_stop():
             nodes = live_nodes()
             self._shapes = [n.total for n in nodes]
-            current = plan(nodes, self._spec, node_types)
+            current = plan(nodes, self._spec, node_types, self._settings)
             if current.replicas_now == 0:
                 self._on_wait(current.waiting)
                 time.sleep(2.0)
@@ -214,12 +211,13 @@ class PredictorPool:
 
     def check_started(self) -> None:
         """``JobFailed`` when ``replicas_min`` replicas do not hold the model within
-        ``START_TIMEOUT_S`` of ``launch``."""
-        if self.started or time.monotonic() - self._launched_at <= START_TIMEOUT_S:
+        ``replica_start_timeout`` seconds of ``launch``."""
+        limit = self._settings.replica_start_timeout
+        if self.started or time.monotonic() - self._launched_at <= limit:
             return
         raise JobFailed(
             f"only {len(self._busy)} of {self._spec.replicas_min} replicas started within "
-            f"{START_TIMEOUT_S:.0f}s"
+            f"{limit:.0f}s"
         )
 
     @property
@@ -273,7 +271,7 @@ class PredictorPool:
         self._check_some_alive()
 
     def _watch(self) -> None:
-        """Replace the reservation once a lost node left it unplaced for ``REPLAN_AFTER_S``.
+        """Replace the reservation once a lost node left it unplaced for ``replan_after`` s.
 
         Ray places a lost bundle again within a second where there is room; a group still
         not placed after that waits for a node that may never come, and so would every
@@ -290,7 +288,7 @@ class PredictorPool:
             self._unplaced_since = None
             return
         self._unplaced_since = self._unplaced_since or now
-        if now - self._unplaced_since >= REPLAN_AFTER_S:
+        if now - self._unplaced_since >= self._settings.replan_after:
             self._begin_replan()
 
     def _begin_replan(self) -> None:
@@ -298,7 +296,7 @@ class PredictorPool:
         from ray.util.placement_group import remove_placement_group
 
         log.warning("reservation not placed whole for %.0f s after a lost node: replacing it",
-                    REPLAN_AFTER_S)
+                    self._settings.replan_after)
         nodes = _nodes_without(self._group)
         self._kill_replicas()
         remove_placement_group(self._group)
@@ -316,9 +314,9 @@ class PredictorPool:
         pending, now = self._replan, time.monotonic()
         if pending.group is None:
             nodes, pending.nodes = pending.nodes or live_nodes(), None
-            node_types = autoscaler_node_types() + self._shapes
+            node_types = autoscaler_node_types(self._settings) + self._shapes
             current = replan(nodes, self._spec, self.plan.replica, node_types,
-                             resize=now - pending.since > SETTLE_S)
+                             resize=now - pending.since > SETTLE_S, settings=self._settings)
             if current is None:
                 pending.waiting = f"waiting for room for a replica of {describe(self.plan.replica)}"
                 return
@@ -348,9 +346,10 @@ class PredictorPool:
             return
         now = time.monotonic()
         self._none_ready_since = self._none_ready_since or now
-        if now - self._none_ready_since > REPLICA_LOSS_TIMEOUT_S:
+        limit = self._settings.replica_loss_timeout
+        if now - self._none_ready_since > limit:
             raise InfrastructureError(
-                f"no model replica has been alive for {REPLICA_LOSS_TIMEOUT_S:.0f}s "
+                f"no model replica has been alive for {limit:.0f}s "
                 "(their nodes were lost and nothing has room to restart them)"
             )
 
@@ -435,28 +434,6 @@ class PredictorPool:
         alive = {node.node_id for node in live_nodes()}
         where = get_object_locations(done)
         return {ref for ref in done if alive & set(where.get(ref, {}).get("node_ids") or ())}
-
-    def busy_seconds(self) -> list[float]:
-        """Seconds each ready replica has spent inside the model (best effort: [] on failure)."""
-        import ray
-
-        try:
-            return ray.get([actor.busy_seconds.remote() for actor in self._busy], timeout=30)
-        except ray.exceptions.RayError:
-            return []
-
-    def nodes(self) -> dict[str, int]:
-        """How many ready replicas run on each node (node id -> count)."""
-        import ray
-
-        try:
-            ids = ray.get([actor.node_id.remote() for actor in self._busy], timeout=30)
-        except ray.exceptions.RayError:
-            return {}
-        counts: dict[str, int] = {}
-        for node_id in ids:
-            counts[node_id] = counts.get(node_id, 0) + 1
-        return counts
 
     def stop(self) -> None:
         """Free every replica and the reservation (its CPUs and GPUs) now."""

@@ -125,12 +125,6 @@ class Predictor:
     def ready(self) -> bool:
         return True
 
-    def node_id(self) -> str:
-        """The Ray node this replica runs on (for placement checks and status)."""
-        import ray
-
-        return str(ray.get_runtime_context().get_node_id())
-
     def signature(self) -> dict[str, Any]:
         """The serving signature's input and output, as ``GET /v1/models/<name>`` reports them."""
         _, kwargs = self._fn.structured_input_signature

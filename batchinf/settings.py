@@ -25,10 +25,16 @@ from typing import Any
 PREFIX = "BATCHINF_"
 
 
-def knob(default: Any, description: str, *, group: str, secret: bool = False) -> Any:
-    """A settings field: its default, what it does (one or two sentences), where it belongs."""
+def knob(
+    default: Any, description: str, *, group: str, secret: bool = False, empty: bool = False
+) -> Any:
+    """A settings field: its default, what it does (one or two sentences), where it belongs.
+
+    ``empty``: a variable set to the empty string is a value of its own (for the read policy,
+    "nothing allowed"), not the same as unset; for every other field an empty variable is unset.
+    """
     return field(default=default, metadata={"description": description, "group": group,
-                                            "secret": secret})
+                                            "secret": secret, "empty": empty})
 
 
 @dataclass(frozen=True)
@@ -52,8 +58,8 @@ class Settings:
         5, "Refused launches in a row after which the job fails (`LaunchRefused`).",
         group="queue")
     progress_every: float = knob(
-        10.0, "Seconds between the plain progress lines written when stderr is not a "
-        "terminal (cron, pipes, CI).", group="queue")
+        10.0, "Seconds between the plain progress lines written instead of a bar when stderr "
+        "or stdout is not a terminal (cron, pipes, CI).", group="queue")
 
     # -- a running job ---------------------------------------------------------------------
     stall_timeout: float = knob(
@@ -64,7 +70,7 @@ class Settings:
         "the attempt fails.", group="job")
     replica_loss_timeout: float = knob(
         300.0, "Seconds a job waits with no live replica (all lost and none placeable) "
-        "before the attempt fails.", group="job")
+        "before the attempt ends as an infrastructure failure (retried).", group="job")
     replan_after: float = knob(
         3.0, "Seconds a job's reservation may stay unplaced after a node is lost before "
         "the job re-plans on the nodes that are alive.", group="job")
@@ -86,8 +92,8 @@ class Settings:
     fetch_threads: int = knob(
         16, "Threads per decode task fetching images.", group="performance")
     decode_nice: int = knob(
-        10, "Niceness added to decode threads when `decode_policy` is `nice`.",
-        group="performance")
+        10, "Niceness added to decode threads when `decode_policy` is `nice`; `0` leaves "
+        "decode threads at the model's priority under either policy.", group="performance")
     decode_policy: str = knob(
         "idle", "`idle`: decode threads run under SCHED_IDLE and take a core only when the "
         "model leaves one; `nice`: they are reniced by `decode_nice` instead.",
@@ -107,11 +113,13 @@ class Settings:
 
     # -- what a job may read -------------------------------------------------------------------
     local_roots: str | None = knob(
-        None, "Folders (separated by `:`) that jobs may read local files from. Default: any "
-        "local path.", group="access")
+        None, "Folders (separated by `:`) that jobs may read local files from; symlinks and "
+        "`..` are resolved first. Default: any local path; set but empty: none.",
+        group="access", empty=True)
     allowed_buckets: str | None = knob(
-        None, "Comma-separated buckets that jobs may read from. Default: any bucket a "
-        "job's credentials can read.", group="access")
+        None, "Comma-separated buckets that jobs may read from; a job's `--allowed-buckets` "
+        "narrows it further. Default: any bucket a job's credentials can read; set but empty: "
+        "none.", group="access", empty=True)
 
     # -- the online endpoint ----------------------------------------------------------------
     serve_token: str | None = knob(
@@ -121,13 +129,16 @@ class Settings:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
-        """Defaults, overridden by each ``BATCHINF_<NAME>`` variable that is set (and not empty)."""
+        """Defaults, overridden by each ``BATCHINF_<NAME>`` variable that is set (and not
+        empty, unless empty means something for that field). ``SettingError`` names a variable
+        that cannot be read as its field's type."""
         environ = os.environ if environ is None else environ
         given: dict[str, Any] = {}
         for f in dataclasses.fields(cls):
             raw = environ.get(variable(f.name))
-            if raw is not None and raw.strip() != "":
-                given[f.name] = _parse(f, raw.strip())
+            if raw is None or (raw.strip() == "" and not f.metadata["empty"]):
+                continue
+            given[f.name] = _parse(f, raw.strip())
         return cls(**given)
 
     def replace(self, **options: Any) -> Settings:
@@ -180,6 +191,8 @@ def _parse(f: dataclasses.Field, raw: str) -> Any:
     except ValueError:
         raise SettingError(f"{variable(f.name)}={raw!r} is not a {kind}") from None
 
+
+DEFAULTS = Settings()  # what a pure function uses when it is given no settings
 
 GROUPS = {
     "where": "Where things are",

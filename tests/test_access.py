@@ -10,6 +10,7 @@ import pytest
 from batchinf.access import ReadPolicy
 from batchinf.job import JobSpec
 from batchinf.pipeline import run_job
+from batchinf.settings import Settings
 from tests.conftest import write_manifest
 from tests.models import write_solid_image
 
@@ -46,13 +47,15 @@ def test_local_roots_hold_even_through_dot_dot_and_symlinks(tmp_path):
 def test_the_environment_sets_roots_and_buckets_and_a_job_narrows_them(monkeypatch, tmp_path):
     monkeypatch.setenv("BATCHINF_LOCAL_ROOTS", f"{tmp_path}/a{os.pathsep}{tmp_path}/b")
     monkeypatch.setenv("BATCHINF_ALLOWED_BUCKETS", "images, more")
-    policy = ReadPolicy.from_env(("images", "elsewhere"))
+    policy = ReadPolicy.from_settings(Settings.from_env(), ("images", "elsewhere"))
     assert policy.refusal(f"{tmp_path}/b/x.jpg") is None and policy.refusal(f"{tmp_path}/c/x.jpg")
     assert policy.refusal("s3://images/x.jpg") is None
     assert "allowed buckets" in (policy.refusal("s3://more/x.jpg") or "")
     assert policy.refusal("s3://elsewhere/x.jpg")  # the job cannot widen the deployment's list
     monkeypatch.setenv("BATCHINF_LOCAL_ROOTS", "")
-    assert ReadPolicy.from_env().refusal(f"{tmp_path}/a/x.jpg")  # set but empty: no local path
+    empty = Settings.from_env()
+    assert empty.local_roots == ""  # set but empty is not unset: it allows no local path
+    assert ReadPolicy.from_settings(empty).refusal(f"{tmp_path}/a/x.jpg")
 
 
 def test_a_job_gets_bad_uri_rows_for_what_it_may_not_read(ray_local, image_model, tmp_path,

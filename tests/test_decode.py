@@ -88,17 +88,16 @@ def test_decode_threads_run_only_on_cores_the_model_leaves_and_leave_the_process
     assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the calling thread is untouched
 
 
-def test_decode_threads_yield_to_the_model_and_leave_the_process_alone(monkeypatch) -> None:
+def test_decode_threads_yield_to_the_model_and_leave_the_process_alone() -> None:
     import os
     import threading
 
     from batchinf.decode import _lower_priority
 
-    monkeypatch.setenv("BATCHINF_DECODE_POLICY", "nice")
     seen: list[int] = []
 
     def worker() -> None:
-        _lower_priority(7)
+        _lower_priority(7, "nice")
         seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
 
     before = os.getpriority(os.PRIO_PROCESS, 0)
@@ -109,19 +108,18 @@ def test_decode_threads_yield_to_the_model_and_leave_the_process_alone(monkeypat
     assert os.getpriority(os.PRIO_PROCESS, 0) == before  # the calling thread is untouched
 
 
-def test_decode_threads_stay_behind_a_ray_worker_already_at_niceness_15(monkeypatch) -> None:
+def test_decode_threads_stay_behind_a_ray_worker_already_at_niceness_15() -> None:
     """Ray starts its workers at niceness 15: decode must go lower still, never above it."""
     import os
     import threading
 
     from batchinf.decode import _lower_priority
 
-    monkeypatch.setenv("BATCHINF_DECODE_POLICY", "nice")
     seen: list[int] = []
 
     def worker() -> None:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)
-        _lower_priority(10)
+        _lower_priority(10, "nice")
         seen.append(os.getpriority(os.PRIO_PROCESS, threading.get_native_id()))
 
     thread = threading.Thread(target=worker)

@@ -19,9 +19,11 @@ from batchinf.job import (
     fail,
     new_job_id,
     refuse_launch,
+    retry_delay,
     retry_later,
     transition,
 )
+from batchinf.settings import Settings
 
 LEGAL = [(old, new) for old, targets in TRANSITIONS.items() for new in targets]
 ILLEGAL = [(old, new) for old in JobState for new in JobState if (old, new) not in LEGAL]
@@ -143,9 +145,7 @@ def test_new_job_id_is_readable_utc_and_sortable() -> None:
     assert new_job_id(1795296600.0) < new_job_id(1795296601.0)
 
 
-def test_a_refused_launch_backs_off_doubling_without_history_then_fails(monkeypatch) -> None:
-    monkeypatch.setenv("BATCHINF_LAUNCH_BACKOFF", "15")
-    monkeypatch.delenv("BATCHINF_LAUNCH_REFUSALS", raising=False)
+def test_a_refused_launch_backs_off_doubling_without_history_then_fails() -> None:
     job, delays = make_job(), []
     for n in range(1, 5):
         running = transition(job, JobState.RUNNING, now=2000.0)
@@ -161,6 +161,19 @@ def test_a_refused_launch_backs_off_doubling_without_history_then_fails(monkeypa
     assert failed.state is JobState.FAILED and failed.error["type"] == "LaunchRefused"
     assert "refused by the cluster 5 times in a row: HTTP 500" in failed.error["message"]
     assert len(failed.attempts) == 1
+
+
+def test_the_settings_set_the_back_offs_and_the_refusals_allowed() -> None:
+    knobs = Settings(launch_backoff=2.0, launch_refusals=2, retry_delay=1.0)
+    running = transition(make_job(), JobState.RUNNING, now=2000.0)
+    running.ray_job_id = "x-a1"
+    job = refuse_launch(running, "x-a1", "HTTP 500", settings=knobs, now=2000.0)
+    assert (job.state, job.retry_at) == (JobState.QUEUED, 2002.0)
+    running = transition(job, JobState.RUNNING)
+    running.ray_job_id = "x-a1"
+    assert refuse_launch(running, "x-a1", "HTTP 500", settings=knobs).state is JobState.FAILED
+    assert [retry_delay(n, knobs) for n in (1, 2, 3, 10)] == [1.0, 2.0, 4.0, 300.0]
+    assert [retry_delay(n) for n in (1, 2, 3, 10)] == [15.0, 30.0, 60.0, 300.0]
 
 
 def test_a_refusal_for_another_attempt_changes_nothing() -> None:

@@ -14,6 +14,7 @@ from batchinf.planner import (
     plan,
     replan,
 )
+from batchinf.settings import Settings
 
 
 def spec(**kw: object) -> JobSpec:
@@ -77,13 +78,12 @@ def test_one_replica_on_the_embedded_two_cpus_takes_what_decode_leaves_and_two_t
     assert p.max_in_flight == 4
 
 
-def test_model_streams_one_per_thread_up_to_four_and_one_on_a_gpu(monkeypatch) -> None:
+def test_model_streams_one_per_thread_up_to_four_and_one_on_a_gpu() -> None:
     assert [model_streams(t) for t in (1, 2, 3, 4, 16)] == [1, 2, 3, 4, 4]
     assert model_streams(8, gpu=True) == 1
     assert plan(nodes({"CPU": 8, "GPU": 1}), spec(gpus_per_replica=1.0)).model_streams == 1
     assert plan(nodes({"CPU": 1}), spec()).model_streams == 1
-    monkeypatch.setenv("BATCHINF_MODEL_STREAMS", "1")
-    p = plan(nodes({"CPU": 2}), spec())
+    p = plan(nodes({"CPU": 2}), spec(), settings=Settings(model_streams=1))
     assert (p.model_streams, p.tf_threads, p.max_in_flight) == (1, 2, 4)
 
 
@@ -168,11 +168,19 @@ def test_bundles_reserve_the_replicas_that_fit_now_and_every_decode_task() -> No
     assert p.bundles() == [{"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}, {"CPU": 1.0}]
 
 
-def test_env_knobs_reach_the_plan(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("BATCHINF_FETCH_THREADS", "4")
-    monkeypatch.setenv("BATCHINF_TF_THREADS", "2")
+def test_settings_reach_the_plan_and_the_environment_does_not(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    knobs = Settings(fetch_threads=4, tf_threads=3, model_streams=2, decode_nice=0)
+    p = plan(nodes({"CPU": 2}), spec(), settings=knobs)
+    assert (p.fetch_threads, p.tf_threads, p.model_streams, p.decode_nice) == (4, 3, 2, 0)
+    gone = {"CPU": 2.0}
+    again = replan(nodes({"CPU": 0}, {"CPU": 2}), spec(), gone, settings=knobs)
+    assert again is not None and (again.fetch_threads, again.tf_threads) == (4, 3)
+    monkeypatch.setenv("BATCHINF_FETCH_THREADS", "4")  # the planner is pure: only its arguments
+    monkeypatch.setenv("BATCHINF_TF_THREADS", "3")
     p = plan(nodes({"CPU": 2}), spec())
-    assert (p.fetch_threads, p.tf_threads) == (4, 2)
+    assert (p.fetch_threads, p.tf_threads) == (16, 2)
 
 
 def test_more_minimum_replicas_than_the_nodes_can_ever_hold_is_infeasible() -> None:

@@ -108,8 +108,8 @@ def test_cancel_mid_run_then_resume_redoes_only_missing_shards(dispatcher, store
     assert sorted(_output_rows(output), key=int) == [str(i) for i in range(300)]
 
 
-def test_a_killed_driver_is_requeued_and_finishes_exactly_once(dispatcher, store, image_model, many_images, tmp_path, monkeypatch):
-    monkeypatch.setenv("BATCHINF_RETRY_DELAY", "1")
+def test_a_killed_driver_is_requeued_and_finishes_exactly_once(dispatcher, store, image_model, many_images, tmp_path):
+    dispatcher.settings = dispatcher.settings.replace(retry_delay=1.0)  # read when it started
     output = str(tmp_path / "out")
     # 3,000 rows: 300 took about a second here, barely more than the half second between polls.
     long = repeated_manifest(many_images, 10, tmp_path / "long.csv")

@@ -25,8 +25,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from batchinf.errors import BatchinfError, UsageError
+from batchinf.settings import Settings, variable
 
-TOKEN_ENV = "BATCHINF_SERVE_TOKEN"
+TOKEN_ENV = variable("serve_token")
 APP_NAME = "batchinf"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -68,12 +69,15 @@ class ServeOptions:
                 "commands use")
 
 
-def take_token(host: str) -> str | None:
-    """The bearer token from the environment, required for any host but loopback.
+def take_token(host: str, settings: Settings | None = None) -> str | None:
+    """The bearer token (the ``serve_token`` setting), required for any host but loopback.
 
-    It is removed from this process's environment, so no Ray process started here inherits it.
+    ``settings``: the command's; None reads them from the environment. Either way the variable
+    is then removed from this process's environment, so no Ray process started here inherits it.
     """
-    token = os.environ.pop(TOKEN_ENV, "").strip() or None
+    settings = Settings.from_env() if settings is None else settings
+    os.environ.pop(TOKEN_ENV, None)
+    token = settings.serve_token
     if token is None and host not in LOOPBACK:
         raise UsageError(f"--host {host} is reachable from other machines: set {TOKEN_ENV} to a "
                          "bearer token that clients must send")
