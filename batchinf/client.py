@@ -176,7 +176,7 @@ class Client:
         head, here = self._where(wait or bool(run_here), run_here)
         job, created = self.store.create(spec, runner=this_process() if here else None)
         here = here and created and job.ray_job_id == local_run_id(job.job_id, 1)
-        if not here:
+        if not here and not job.state.terminal:  # (an idempotency key's finished job: nothing to run)
             self._ensure_dispatcher()
         return Submitted(job, created, here, head if here else None)
 
