@@ -50,18 +50,6 @@ AddressOption = Annotated[
 JobArgument = Annotated[str, typer.Argument(help="The job id that submit printed.")]
 
 
-def parse_replicas(value: str) -> tuple[int, int]:
-    """``N`` or ``MIN:MAX`` -> (min, max)."""
-    low, _, high = value.partition(":")
-    try:
-        lo, hi = int(low), int(high or low)
-    except ValueError as exc:
-        raise UsageError(f"--replicas takes N or MIN:MAX, got {value!r}") from exc
-    if not 1 <= lo <= hi:
-        raise UsageError(f"--replicas needs 1 <= MIN <= MAX, got {value!r}")
-    return lo, hi
-
-
 def parse_resources(value: str | None) -> dict[str, float]:
     """``KEY=VALUE[,KEY=VALUE]`` -> {key: value} (custom Ray resources per replica)."""
     found: dict[str, float] = {}
@@ -74,15 +62,6 @@ def parse_resources(value: str | None) -> dict[str, float]:
         if not sep or not key.strip():
             raise UsageError(f"--replica-resources takes KEY=VALUE[,KEY=VALUE], got {value!r}")
     return found
-
-
-def _absolute(uri: str) -> str:
-    """Local paths are stored absolute, so a job means the same thing from any folder."""
-    import os
-
-    if "://" in uri and not uri.startswith("file://"):
-        return uri
-    return os.path.abspath(uri[len("file://") :] if uri.startswith("file://") else uri)
 
 
 @app.command()
@@ -157,8 +136,7 @@ def submit(
     as_json: JsonOption = False,
 ) -> None:
     """Submit a job: classify every image in MANIFEST and write predictions to OUTPUT."""
-    from batchinf.job import JobState
-    from batchinf.jobstore import JobStore
+    from batchinf.client import Client
 
     given = {
         "model": model, "output": output, "top_k": top_k, "batch_size": batch_size,
@@ -172,165 +150,55 @@ def submit(
         "idempotency_key": idempotency_key, "max_drift_psi": max_drift_psi,
         "include": include or None, "incremental": incremental,
     }
-    spec = _build_spec(manifest, given, date)
-    from batchinf.manifest import check
-    from batchinf.model import resolve_model
-    from batchinf.signature import inspect
-
-    check(spec.manifest, spec.include)  # a cron typo fails now, in one line, not in a queued job
-    inspect(resolve_model(spec.model, spec.model_version))  # and a model it cannot feed
-    address = None if address in (None, "", "local") else address
-    if address is None:  # runs here, with this machine's files and credentials: check now
-        from batchinf import storage
-
-        storage.check_writable(spec.output, "_batchinf-write-check-submit")
-    job_store = JobStore.from_uri(store)
-    job, created = job_store.create(spec)
-    said = "submitted" if created else "already submitted (same idempotency key)"
-    head = _local_head(job_store, address, wait)
-    dispatched = head is None and _ensure_dispatcher(job_store, address, start=not wait)
+    client = Client(store, address)
+    submitted = client.enqueue(client.build_spec(manifest, date=date, **given), wait=wait)
+    job = submitted.job
+    said = "submitted" if submitted.created else "already submitted (same idempotency key)"
     if not wait:
-        _show({"job_id": job.job_id, "state": job.state.value, "created": created}, as_json,
-              f"{job.job_id} {said} ({job.state.value})")
+        _show({"job_id": job.job_id, "state": job.state.value, "created": submitted.created},
+              as_json, f"{job.job_id} {said} ({job.state.value})")
         return
     if not as_json:
         typer.echo(f"{job.job_id} {said}", err=True)
-    if dispatched or not created or job.state is not JobState.QUEUED:
-        _follow(job_store, job.job_id, as_json)
-    else:
-        _run_here(job_store, job.job_id, as_json, head)
+    with _Display(job.job_id, quiet=as_json) as display:
+        job = client.finish(submitted, display.update, display.retrying)
+    _show_final(job, as_json)
 
 
-def _local_head(job_store: Any, address: str | None, wait: bool) -> Any:
-    """With ``--wait`` and no cluster: the running local head of the store's embedded
-    dispatcher, which this process joins to run the job itself (no Ray to start, no driver
-    to launch, no poll to wait for). None: no such head, or not a ``--wait`` here."""
-    if not wait or address is not None:
-        return None
-    from batchinf.raycluster import running_head
+class _Display:
+    """A job's progress on stderr while this command runs or follows it: a bar (or, off a
+    terminal, log lines) per attempt; an attempt that will be retried ends its bar and says
+    why, and the next attempt draws its own."""
 
-    return running_head(job_store)
+    def __init__(self, job_id: str, *, quiet: bool) -> None:
+        self.job_id, self.quiet = job_id, quiet
+        self._current: Any = None
 
+    def __enter__(self) -> _Display:
+        return self
 
-def _build_spec(source: str, given: dict[str, Any], date: str | None) -> Any:
-    """A JobSpec from a manifest and options, or from a job spec file with options on top."""
-    from batchinf import jobfile
-    from batchinf.job import JobSpec
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
-    values: dict[str, Any] = {"manifest": source}
-    if jobfile.is_spec(source):
-        values = jobfile.job_options(jobfile.load(source, jobfile.parse_date(date)))
-    elif date is not None:
-        raise UsageError("--date applies to a job spec (jobs/*.yaml), not to a manifest")
-    values.update({k: v for k, v in given.items() if v is not None})
-    for option in ("manifest", "model", "output"):
-        if not values.get(option):
-            raise UsageError(f"missing --{option}: give it on the command line or in the job spec")
-    low, high = parse_replicas(str(values.pop("replicas", 1)))
-    if values.get("incremental") and not values.get("name") and values.get("idempotency_key"):
-        values["name"] = key_name(str(values["idempotency_key"]))
-    for option in ("manifest", "model", "output"):
-        values[option] = _absolute(str(values[option]))
-    try:
-        spec = JobSpec(replicas_min=low, replicas_max=high, **values)
-    except TypeError as exc:
-        raise UsageError(f"bad job spec value: {exc}") from exc
-    spec.validate()
-    return spec
+    def update(self, progress: Any) -> None:
+        if self._current is None:
+            from batchinf.display import ProgressDisplay
 
+            self._current = ProgressDisplay(self.job_id, quiet=self.quiet).__enter__()
+        self._current.update(progress)
 
-def key_name(idempotency_key: str) -> str:
-    """The name an idempotency key gives its nights: the key less a trailing ``-YYYY-MM-DD``
-    (``nightly-2026-11-21`` -> ``nightly``)."""
-    import re
+    def retrying(self, job: Any) -> None:
+        import time
 
-    return re.sub(r"-\d{4}-\d{2}-\d{2}$", "", idempotency_key) or idempotency_key
-
-
-def _ensure_dispatcher(job_store: Any, address: str | None, *, start: bool) -> bool:
-    """True when a dispatcher serves this store (a cluster's, or a local one started here).
-
-    With a cluster address, the cluster's own dispatcher takes the job whenever it runs.
-    With none and ``start``, a local dispatcher (with its own local Ray) starts in the
-    background and exits after a minute with nothing to do.
-    """
-    from batchinf.dispatcher import holder_is_gone, nudge
-
-    holder = job_store.lease_holder()
-    if address:
-        return True
-    if holder is not None and not holder_is_gone(holder):
-        nudge(holder)  # a dispatcher on this machine takes the job now, not at its next poll
-        return True
-    if not start:
-        return False
-    import os
-    import subprocess
-
-    log_path = os.path.join(os.path.expanduser("~"), ".batchinf-dispatcher.log")
-    with open(log_path, "ab") as log:
-        subprocess.Popen(
-            [sys.executable, "-m", "batchinf.cli", "dispatcher", "--store", job_store.root,
-             "--idle-exit", "60"],
-            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-        )
-    return True
-
-
-def _run_here(job_store: Any, job_id: str, as_json: bool, head: Any = None) -> None:
-    """Embedded default: run the job in this process on a local Ray instance, with progress:
-    the store's running local ``head`` if there is one, else one started for this run alone
-    (without the dashboard, which would end with it).
-
-    An attempt the infrastructure ended is run again here after its back-off, unless a
-    dispatcher took the job over meanwhile (then its record is followed).
-    """
-    import os
-    import time
-
-    # Claimed before Ray (and the pipeline's imports, seconds on a busy machine) starts or is
-    # joined: a dispatcher's next round would take a job left QUEUED for those seconds, and
-    # this process would only follow it.
-    run_id = f"local-{job_id}-a{_next(job_store, job_id)}"
-    claimed = job_store.claim(job_id, run_id) is not None
-
-    from batchinf.attempt import abandon, run_claimed
-    from batchinf.display import ProgressDisplay
-    from batchinf.errors import BatchinfError, JobError
-    from batchinf.job import JobState
-    from batchinf.raycluster import ensure_ray
-
-    while True:
-        if not claimed:
-            return _follow(job_store, job_id, as_json)
-        try:
-            if head is not None:
-                mode = head.auth_mode()
-                if mode and not os.environ.get("RAY_AUTH_MODE"):
-                    os.environ["RAY_AUTH_MODE"] = mode  # the head's token auth, as its drivers
-                ensure_ray(head.gcs_address)
-            else:
-                ensure_ray("local", dashboard=False)
-        except BatchinfError as exc:
-            abandon(job_store, job_id, run_id, exc)
-            raise
-        with ProgressDisplay(job_id, quiet=as_json) as display:
-            try:
-                job = run_claimed(job_store, job_id, run_id, display.update)
-            except JobError:  # taken over meanwhile
-                return _follow(job_store, job_id, as_json)
-        if job.state is not JobState.QUEUED:
-            return _show_final(job, as_json)
-        if not as_json:
-            typer.echo(f"{job_id}: attempt {job.attempt} ended ({job.attempts[-1]['reason']}); "
+        self.close()
+        if not self.quiet:
+            typer.echo(f"{job.job_id}: attempt {job.attempt} ended ({job.attempts[-1]['reason']}); "
                        f"retrying in {max(0, (job.retry_at or 0) - time.time()):.0f} s", err=True)
-        time.sleep(max(0.0, (job.retry_at or 0) - time.time()))
-        run_id = f"local-{job_id}-a{_next(job_store, job_id)}"
-        claimed = job_store.claim(job_id, run_id) is not None
 
-
-def _next(job_store: Any, job_id: str) -> int:
-    return int(job_store.get(job_id).attempt) + 1
+    def close(self) -> None:
+        if self._current is not None:
+            self._current.__exit__(None, None, None)
+            self._current = None
 
 
 def _show_final(job: Any, as_json: bool, *, drift_exit: bool = True) -> None:
@@ -380,44 +248,12 @@ def _show(data: dict, as_json: bool, text: str) -> None:
     typer.echo(json.dumps(data) if as_json else text)
 
 
-def _follow(job_store: Any, job_id: str, as_json: bool) -> None:
-    """Follow a job that runs elsewhere, from its record, until it ends."""
-    import time
-
-    from batchinf.display import ProgressDisplay, Snapshot
-
-    with ProgressDisplay(job_id, quiet=as_json) as display:
-        while True:
-            job = job_store.get(job_id)
-            display.update(Snapshot(job.rows_total, job.rows_done, job.rows_failed,
-                                    job.images_per_s or 0.0, waiting=_waiting_line(job)))
-            if job.state.terminal:
-                break
-            time.sleep(1.0)
-    _show_final(job, as_json)
-
-
-def _waiting_line(job: Any) -> str | None:
-    """What a job waits for, as a person would want it said (None when it is moving)."""
-    import time
-
-    if job.state.value == "QUEUED":
-        wait_s = (job.retry_at or 0) - time.time()
-        if job.launch_error:
-            when = f"retry in {wait_s:.0f} s" if wait_s > 0 else "retrying now"
-            return f"launch refused by the cluster: {job.launch_error}; {when}"
-        if wait_s > 0:
-            return f"queued: attempt {job.attempt + 1} starts in {wait_s:.0f} s"
-        return "queued: waiting for a dispatcher and a free slot"
-    return job.waiting
-
-
 @app.command()
 def status(job_id: JobArgument, store: StoreOption = None, as_json: JsonOption = False) -> None:
     """Show a job's state, rows done / failed / total, speed, ETA and output."""
-    from batchinf.jobstore import JobStore
+    from batchinf.client import Client, waiting_line
 
-    job = JobStore.from_uri(store).get(job_id)
+    job = Client(store).status(job_id)
     if as_json:
         typer.echo(json.dumps(job.to_dict(), indent=2))
         return
@@ -434,7 +270,7 @@ def status(job_id: JobArgument, store: StoreOption = None, as_json: JsonOption =
     ]
     if job.ray_job_id:
         lines.append(f"  ray job   {job.ray_job_id}")
-    waiting = _waiting_line(job)
+    waiting = waiting_line(job)
     if waiting and not job.state.terminal:
         lines.append(f"  waiting   {waiting}")
     if job.attempts_dropped:
@@ -465,14 +301,14 @@ def list_jobs(
     as_json: JsonOption = False,
 ) -> None:
     """List jobs, newest first, a page at a time (--before JOB for the next page)."""
+    from batchinf.client import Client
     from batchinf.job import JobState
-    from batchinf.jobstore import JobStore
 
     try:
         states = {JobState(s.upper()) for s in state} if state else None
     except ValueError as exc:
         raise UsageError(f"--state takes one of {', '.join(s.value for s in JobState)}") from exc
-    jobs, more = JobStore.from_uri(store).page(states, limit=limit, before=before)
+    jobs, more = Client(store).jobs(states, limit=limit, before=before)
     if as_json:
         typer.echo(json.dumps([j.to_dict() for j in jobs], indent=2))
     else:
@@ -532,14 +368,13 @@ def latest(
     import pyarrow.parquet as pq
 
     from batchinf import storage
-    from batchinf.jobstore import JobStore
-    from batchinf.ledger import Ledger
+    from batchinf.client import Client, absolute_uri
 
-    table = Ledger(JobStore.from_uri(store).root, name).latest()
+    table = Client(store).latest(name)
     if output:
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
-        storage.write_bytes(_absolute(output), buffer.getvalue())
+        storage.write_bytes(absolute_uri(output), buffer.getvalue())
     if as_json:
         rows = table.drop_columns(["scored_at"]).to_pylist() if not output else []
         typer.echo(json.dumps({"uris": table.num_rows, "output": output, "rows": rows}))
@@ -554,9 +389,12 @@ def latest(
 def wait(job_id: JobArgument, store: StoreOption = None, as_json: JsonOption = False) -> None:
     """Follow a job until it ends; the exit code says how (0 ok, 1 failed, 3 cancelled,
     4 succeeded but drifted past its limit)."""
-    from batchinf.jobstore import JobStore
+    from batchinf.client import Client
 
-    _follow(JobStore.from_uri(store), job_id, as_json)
+    client = Client(store)
+    with _Display(job_id, quiet=as_json) as display:
+        job = client.wait(job_id, display.update)
+    _show_final(job, as_json)
 
 
 @app.command()
@@ -602,16 +440,9 @@ def cancel(
     as_json: JsonOption = False,
 ) -> None:
     """Cancel a job: a queued one at once, a running one within seconds (no _SUCCESS)."""
-    import time
+    from batchinf.client import Client
 
-    from batchinf.jobstore import JobStore
-
-    job_store = JobStore.from_uri(store)
-    job = job_store.request_cancel(job_id)
-    deadline = time.monotonic() + 120
-    while not no_wait and not job.state.terminal and time.monotonic() < deadline:
-        time.sleep(0.5)
-        job = job_store.get(job_id)
+    job = Client(store).cancel(job_id, wait=not no_wait)
     _show({"job_id": job_id, "state": job.state.value, "cancel_requested": job.cancel_requested},
           as_json, f"{job_id}: {job.state.value}"
           + (" (cancel requested)" if not job.state.terminal else ""))
@@ -626,46 +457,25 @@ def resume(
     as_json: JsonOption = False,
 ) -> None:
     """Queue a failed, cancelled or orphaned job again; it redoes only uncommitted shards."""
-    from batchinf.attempt import runner_is_gone
-    from batchinf.job import Job, JobState, transition
-    from batchinf.jobstore import JobStore
+    from batchinf.client import Client
 
-    job_store = JobStore.from_uri(store)
-
-    def requeue(job: Job) -> Job:
-        if job.state in (JobState.FAILED, JobState.CANCELLED):
-            return transition(job, JobState.QUEUED)
-        if job.state is JobState.RUNNING and runner_is_gone(job):
-            return transition(job, JobState.QUEUED)
-        if job.state is JobState.QUEUED:
-            return job
-        raise UsageError(f"job {job_id} is {job.state.value}; only FAILED, CANCELLED or "
-                         "orphaned RUNNING jobs can be resumed")
-
-    job = job_store.update(job_id, requeue)
-    address = None if address in (None, "", "local") else address
-    head = _local_head(job_store, address, wait)
-    dispatched = head is None and _ensure_dispatcher(job_store, address, start=not wait)
+    client = Client(store, address)
     if not wait:
+        job = client.resume(job_id)
         _show({"job_id": job_id, "state": job.state.value}, as_json, f"{job_id}: {job.state.value}")
         return
-    if dispatched:
-        _follow(job_store, job_id, as_json)
-    else:
-        _run_here(job_store, job_id, as_json, head)
+    with _Display(job_id, quiet=as_json) as display:
+        job = client.resume(job_id, wait=True, on_progress=display.update,
+                            on_retry=display.retrying)
+    _show_final(job, as_json)
 
 
 @app.command()
 def logs(job_id: JobArgument, store: StoreOption = None, address: AddressOption = None) -> None:
     """Print the logs of the job's current (or last) Ray job."""
-    from batchinf.jobstore import JobStore
-    from batchinf.raycluster import jobs_client
+    from batchinf.client import Client
 
-    job = JobStore.from_uri(store).get(job_id)
-    target = address or job.ray_address
-    if not job.ray_job_id or job.ray_job_id.startswith("local-") or not target:
-        raise UsageError(f"job {job_id} ran in-process (submit --wait): its log went to that terminal")
-    typer.echo(jobs_client(target).get_job_logs(job.ray_job_id), nl=False)
+    typer.echo(Client(store, address).logs(job_id), nl=False)
 
 
 @app.command()
@@ -723,11 +533,12 @@ def serve_command(
     ] = None,
 ) -> None:
     """Serve the model over HTTP until SIGINT or SIGTERM: POST an image, get ranked classes."""
+    from batchinf.client import absolute_uri, parse_replicas
     from batchinf.online.launch import ServeOptions, serve, take_token
 
     low, high = parse_replicas(replicas)
     options = ServeOptions(
-        model=_absolute(model), model_version=model_version, host=host, port=port,
+        model=absolute_uri(model), model_version=model_version, host=host, port=port,
         replicas_min=low, replicas_max=high, gpus_per_replica=gpus_per_replica,
         cpus_per_replica=cpus_per_replica, max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms, top_k=top_k,

@@ -1,30 +1,34 @@
 """``batchinf demo``: a whole job on a real model, with nothing but the package installed.
 
-It trains a small CNN on scikit-learn's digits (shipped inside the package, nothing is
-downloaded), exports it as a versioned SavedModel with labels, writes the held-out digits as
-PNG files with a manifest, runs a job on them through the same path as ``submit --wait``
-(job store, local Ray instance, progress bar), then reads the Parquet back and reports the
-top predictions and the accuracy it measured.
+It trains a small CNN on scikit-learn's digits (shipped inside scikit-learn, the ``demo``
+extra: nothing is downloaded), exports it as a versioned SavedModel with labels, writes the
+held-out digits as PNG files with a manifest, runs a job on them through the library client
+as ``submit --wait`` runs one (job store, in-process run on a local Ray, progress bar), then
+reads the Parquet back and reports the top predictions and the accuracy it measured.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
 import time
 from typing import Any
 
+from batchinf.errors import BatchinfError
 from batchinf.job import JobSpec
 
 
 def run_demo(folder: str, *, quiet: bool = False) -> dict[str, Any]:
     """Build the demo's model and images in ``folder``, run the job, and report what it measured."""
-    from batchinf.attempt import execute
-    from batchinf.demo_assets import build_demo
+    from batchinf.client import Client
     from batchinf.display import ProgressDisplay
-    from batchinf.jobstore import JobStore
-    from batchinf.raycluster import ensure_ray
+
+    if importlib.util.find_spec("sklearn") is None:
+        raise BatchinfError("the demo trains on scikit-learn's digits set: "
+                            "pip install 'batchinf[demo]' (or scripts/demo.sh) first")
+    from batchinf.demo_assets import build_demo
 
     folder = os.path.abspath(folder)
     say = (lambda text: None) if quiet else (lambda text: print(text, file=sys.stderr, flush=True))
@@ -37,12 +41,11 @@ def run_demo(folder: str, *, quiet: bool = False) -> dict[str, Any]:
     shutil.rmtree(output, ignore_errors=True)  # the demo's own folder: start clean each time
     spec = JobSpec(manifest=assets["manifest"], model=assets["model"], output=output, top_k=3,
                    batch_size=64, shard_size=128)
-    store = JobStore.from_uri(None)
-    job, _ = store.create(spec)
-    say(f"Running job {job.job_id} on a local Ray instance ...")
-    ensure_ray("local", dashboard=False)  # a Ray that ends with the demo: no dashboard, 2 s sooner
-    with ProgressDisplay(job.job_id, quiet=quiet) as display:
-        job = execute(store, job.job_id, f"local-{job.job_id}", display.update)
+    client = Client()  # the default store; the job runs here, as `submit --wait` runs it
+    submitted = client.enqueue(spec, run_here=True)
+    say(f"Running job {submitted.job.job_id} on a local Ray instance ...")
+    with ProgressDisplay(submitted.job.job_id, quiet=quiet) as display:
+        job = client.finish(submitted, display.update)
     report: dict[str, Any] = {"job_id": job.job_id, "state": job.state.value, "output": output,
                               "keras_test_accuracy": assets["test_accuracy"]}
     if job.summary:

@@ -44,6 +44,7 @@ from batchinf.job import (
     Job,
     JobState,
     fail,
+    ran_here,
     refuse_launch,
     retry_delay,
     retry_later,
@@ -150,7 +151,7 @@ class Dispatcher:
 
     def _reconcile(self, job: Job) -> Job:
         """A RUNNING job's record set right if its Ray job has ended; the record as it is now."""
-        if not job.ray_job_id or job.ray_job_id.startswith("local-"):
+        if not job.ray_job_id or ran_here(job.ray_job_id):
             return job  # run in-process by `submit --wait`; `resume` handles those
         status = self.ray_status(job.ray_job_id)
         if status is not None and status not in _ENDED:

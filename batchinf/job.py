@@ -213,6 +213,19 @@ def new_job_id(now: float | None = None) -> str:
     return f"bi-{stamp}-{secrets.token_hex(3)}"
 
 
+LOCAL_RUN_PREFIX = "local-"  # a run id of an attempt run in-process (submit --wait, the client)
+
+
+def local_run_id(job_id: str, attempt: int) -> str:
+    """The run id of attempt ``attempt`` run in-process, not as a Ray job: ``local-<job>-a<n>``."""
+    return f"{LOCAL_RUN_PREFIX}{job_id}-a{attempt}"
+
+
+def ran_here(run_id: str | None) -> bool:
+    """True when ``run_id`` names an in-process attempt (no Ray job, no dispatcher owns it)."""
+    return bool(run_id) and str(run_id).startswith(LOCAL_RUN_PREFIX)
+
+
 def transition(
     job: Job, new: JobState, *, now: float | None = None, reason: str | None = None
 ) -> Job:
@@ -320,7 +333,9 @@ __all__ = [
     "check_transition",
     "fail",
     "launch_backoff",
+    "local_run_id",
     "new_job_id",
+    "ran_here",
     "refuse_launch",
     "retry_delay",
     "retry_later",

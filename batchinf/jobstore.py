@@ -46,7 +46,8 @@ from batchinf.errors import (
     OutputTaken,
     PreconditionFailed,
 )
-from batchinf.job import Job, JobSpec, JobState, check_transition, transition
+from batchinf.job import Job, JobSpec, JobState, check_transition, local_run_id, transition
+from batchinf.settings import Settings
 
 CAS_TRIES = 50
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -54,7 +55,17 @@ _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 def default_store_uri() -> str:
     """``BATCHINF_STORE`` if set, else ``~/.batchinf`` (the embedded mode's local store)."""
-    return os.environ.get("BATCHINF_STORE") or os.path.expanduser("~/.batchinf")
+    return Settings.from_env().store_uri
+
+
+def _held(job: Job, runner: dict[str, Any] | None) -> Job:
+    """A new job as created: QUEUED, or with ``runner`` RUNNING as its first in-process attempt."""
+    if runner is None:
+        return job
+    running = transition(job, JobState.RUNNING, now=job.created_at)
+    running.ray_job_id = local_run_id(job.job_id, running.attempt)
+    running.runner = dict(runner)
+    return running
 
 
 def _encode(data: dict[str, Any]) -> bytes:
@@ -149,17 +160,25 @@ class JobStore:
 
     # -- create and read -----------------------------------------------------------------------
 
-    def create(self, spec: JobSpec, *, now: float | None = None) -> tuple[Job, bool]:
+    def create(
+        self, spec: JobSpec, *, now: float | None = None, runner: dict[str, Any] | None = None
+    ) -> tuple[Job, bool]:
         """Create a QUEUED job for ``spec``; returns the job and whether it is new.
+
+        With ``runner`` (``{"host", "pid"}`` of the process that will run the job itself), a
+        new job is created already RUNNING as that process's first in-process attempt
+        (``local_run_id(job_id, 1)``): held from its first write, so no dispatcher can take it
+        before its submitter runs it.
 
         With an idempotency key already used, returns that key's job (whatever its state and
         spec) and False. The key object is written first, holding the whole initial record, so
-        a submitter that dies between the two writes leaves a key the next submit completes.
+        a submitter that dies between the two writes leaves a key the next submit completes
+        (as a QUEUED job: the dead submitter holds nothing).
         """
         if spec.idempotency_key is None:
             self._check_output_free(spec)
             for _ in range(5):  # ids collide only within one second, 1 in 16M: retrying is enough
-                job = Job.new(spec, now=now)
+                job = _held(Job.new(spec, now=now), runner)
                 if self._write_new(job):
                     return job, True
             raise JobError("could not find a free job id")
@@ -167,6 +186,8 @@ class JobStore:
         if not storage.exists(key_uri):
             self._check_output_free(spec)
         job, created = self._claim_key(spec.idempotency_key, Job.new(spec, now=now))
+        if created:
+            job = _held(job, runner)
         if not self._write_new(job):  # written already, by the key's first submitter
             job = self.get(job.job_id)
         return job, created

@@ -7,6 +7,6 @@ set -euo pipefail
 
 # shellcheck source=scripts/venv.sh
 source "$(dirname "${BASH_SOURCE[0]}")/venv.sh"
-.venv/bin/python -m pip install -e .
+.venv/bin/python -m pip install -e ".[demo]"  # scikit-learn: the digits set the demo trains on
 
 exec .venv/bin/batchinf demo "$@"

@@ -19,7 +19,7 @@ from typing import Any
 import psutil
 import pytest
 
-from batchinf.job import JobState
+from batchinf.job import JobState, local_run_id
 from batchinf.jobstore import JobStore
 from batchinf.raycluster import LocalHead
 from tests.conftest import until, write_manifest
@@ -90,7 +90,8 @@ def test_jobs_submitted_at_once_share_one_dispatcher_and_one_head_which_survives
     assert waited.returncode == 0, err
     assert err == ""  # --json: no progress lines, and nothing of Ray's (its token banner neither)
     record = json.loads(out)
-    assert record["state"] == "SUCCEEDED" and record["ray_job_id"].startswith("local-")
+    # Its own run, whoever polls first: the job was created already held by this command.
+    assert record["state"] == "SUCCEEDED" and record["ray_job_id"] == local_run_id(record["job_id"], 1)
     assert head is not None and glob.glob(os.path.join(
         head["temp_dir"], "session_*", "logs", f"python-core-driver-*_{waited.pid}.log"))
     assert len(heads_started(shell["HOME"])) == 1

@@ -11,7 +11,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from batchinf.cli import _waiting_line
+from batchinf.client import waiting_line
 from batchinf.dispatcher import Dispatcher
 from batchinf.job import JobSpec, JobState
 from batchinf.jobstore import JobStore
@@ -48,7 +48,7 @@ def test_refused_launches_back_off_say_why_and_then_run_exactly_once(
     refused = store.get(job.job_id)
     assert (refused.state, refused.attempt, refused.launch_refusals) == (JobState.QUEUED, 0, 1)
     assert refused.retry_at - refused.updated_at == pytest.approx(0.5, abs=0.2)
-    line = _waiting_line(refused)
+    line = waiting_line(refused)
     assert line.startswith("launch refused by the cluster: ") and "500" in line
     assert dispatcher.tick() == []  # backing off: not tried again yet
     assert proxy.counts["refuse"] == 1
