@@ -9,6 +9,7 @@ an asynchronous ``submit`` stay fast.
 
 from __future__ import annotations
 
+import functools
 import json
 import sys
 from typing import Annotated, Any
@@ -136,7 +137,6 @@ def submit(
     as_json: JsonOption = False,
 ) -> None:
     """Submit a job: classify every image in MANIFEST and write predictions to OUTPUT."""
-    from batchinf.client import Client
 
     given = {
         "model": model, "output": output, "top_k": top_k, "batch_size": batch_size,
@@ -150,7 +150,7 @@ def submit(
         "idempotency_key": idempotency_key, "max_drift_psi": max_drift_psi,
         "include": include or None, "incremental": incremental,
     }
-    client = Client(store, address)
+    client = _client(store, address)
     submitted = client.enqueue(client.build_spec(manifest, date=date, **given), wait=wait)
     job = submitted.job
     said = "submitted" if submitted.created else "already submitted (same idempotency key)"
@@ -184,7 +184,8 @@ class _Display:
         if self._current is None:
             from batchinf.display import ProgressDisplay
 
-            self._current = ProgressDisplay(self.job_id, quiet=self.quiet).__enter__()
+            self._current = ProgressDisplay(self.job_id, quiet=self.quiet,
+                                            settings=_settings()).__enter__()
         self._current.update(progress)
 
     def retrying(self, job: Any) -> None:
@@ -251,9 +252,9 @@ def _show(data: dict, as_json: bool, text: str) -> None:
 @app.command()
 def status(job_id: JobArgument, store: StoreOption = None, as_json: JsonOption = False) -> None:
     """Show a job's state, rows done / failed / total, speed, ETA and output."""
-    from batchinf.client import Client, waiting_line
+    from batchinf.client import waiting_line
 
-    job = Client(store).status(job_id)
+    job = _client(store).status(job_id)
     if as_json:
         typer.echo(json.dumps(job.to_dict(), indent=2))
         return
@@ -301,14 +302,13 @@ def list_jobs(
     as_json: JsonOption = False,
 ) -> None:
     """List jobs, newest first, a page at a time (--before JOB for the next page)."""
-    from batchinf.client import Client
     from batchinf.job import JobState
 
     try:
         states = {JobState(s.upper()) for s in state} if state else None
     except ValueError as exc:
         raise UsageError(f"--state takes one of {', '.join(s.value for s in JobState)}") from exc
-    jobs, more = Client(store).jobs(states, limit=limit, before=before)
+    jobs, more = _client(store).jobs(states, limit=limit, before=before)
     if as_json:
         typer.echo(json.dumps([j.to_dict() for j in jobs], indent=2))
     else:
@@ -368,9 +368,9 @@ def latest(
     import pyarrow.parquet as pq
 
     from batchinf import storage
-    from batchinf.client import Client, absolute_uri
+    from batchinf.client import absolute_uri
 
-    table = Client(store).latest(name)
+    table = _client(store).latest(name)
     if output:
         buffer = io.BytesIO()
         pq.write_table(table, buffer)
@@ -389,9 +389,8 @@ def latest(
 def wait(job_id: JobArgument, store: StoreOption = None, as_json: JsonOption = False) -> None:
     """Follow a job until it ends; the exit code says how (0 ok, 1 failed, 3 cancelled,
     4 succeeded but drifted past its limit)."""
-    from batchinf.client import Client
 
-    client = Client(store)
+    client = _client(store)
     with _Display(job_id, quiet=as_json) as display:
         job = client.wait(job_id, display.update)
     _show_final(job, as_json)
@@ -440,9 +439,8 @@ def cancel(
     as_json: JsonOption = False,
 ) -> None:
     """Cancel a job: a queued one at once, a running one within seconds (no _SUCCESS)."""
-    from batchinf.client import Client
 
-    job = Client(store).cancel(job_id, wait=not no_wait)
+    job = _client(store).cancel(job_id, wait=not no_wait)
     _show({"job_id": job_id, "state": job.state.value, "cancel_requested": job.cancel_requested},
           as_json, f"{job_id}: {job.state.value}"
           + (" (cancel requested)" if not job.state.terminal else ""))
@@ -457,9 +455,8 @@ def resume(
     as_json: JsonOption = False,
 ) -> None:
     """Queue a failed, cancelled or orphaned job again; it redoes only uncommitted shards."""
-    from batchinf.client import Client
 
-    client = Client(store, address)
+    client = _client(store, address)
     if not wait:
         job = client.resume(job_id)
         _show({"job_id": job_id, "state": job.state.value}, as_json, f"{job_id}: {job.state.value}")
@@ -473,9 +470,8 @@ def resume(
 @app.command()
 def logs(job_id: JobArgument, store: StoreOption = None, address: AddressOption = None) -> None:
     """Print the logs of the job's current (or last) Ray job."""
-    from batchinf.client import Client
 
-    typer.echo(Client(store, address).logs(job_id), nl=False)
+    typer.echo(_client(store, address).logs(job_id), nl=False)
 
 
 @app.command()
@@ -503,7 +499,7 @@ def dispatcher(
         raise UsageError("--max-running must be at least 1")
     job_store = JobStore.from_uri(store)
     Dispatcher(job_store, address or None, max_running=max_running,
-               metrics_port=metrics_port).serve(poll, idle_exit)
+               metrics_port=metrics_port, settings=_settings()).serve(poll, idle_exit)
 
 
 @app.command("serve")
@@ -545,7 +541,7 @@ def serve_command(
         address=None if address in (None, "", "local") else address,
     )
     options.validate()
-    token = take_token(host)
+    token = take_token(host, _settings())
     serve(options, token, lambda line: typer.echo(f"batchinf serve: {line}", err=True))
 
 
@@ -561,10 +557,11 @@ def run(
     from batchinf.jobstore import JobStore
     from batchinf.raycluster import ensure_ray
 
+    settings = _settings()
     ensure_ray()
-    job_store = JobStore.from_uri(store)
-    with ProgressDisplay(job_id) as display:
-        job = run_claimed(job_store, job_id, run_id, display.update)
+    job_store = JobStore.from_uri(store or settings.store_uri)
+    with ProgressDisplay(job_id, settings=settings) as display:
+        job = run_claimed(job_store, job_id, run_id, display.update, settings)
     _show_final(job, False, drift_exit=False)
 
 
@@ -582,6 +579,26 @@ def demo(
         typer.echo(json.dumps(report, indent=2))
     if report["state"] != "SUCCEEDED":
         raise typer.Exit(EXIT_FAILED)
+
+
+@functools.cache
+def _settings() -> Any:
+    """This command's settings, read from the environment once; S3 access is set up with them."""
+    from batchinf import storage
+    from batchinf.settings import SettingError, Settings
+
+    try:
+        settings = Settings.from_env()
+    except SettingError as exc:
+        raise UsageError(str(exc)) from None
+    storage.configure(settings)
+    return settings
+
+
+def _client(store: str | None, address: str | None = None) -> Any:
+    from batchinf.client import Client
+
+    return Client(store, address, settings=_settings())
 
 
 def _click_errors() -> tuple[type[Exception], type[BaseException]]:

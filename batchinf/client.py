@@ -360,10 +360,10 @@ class Client:
             try:
                 self._join(head)
             except BatchinfError as exc:
-                abandon(self.store, job_id, run_id, exc)
+                abandon(self.store, job_id, run_id, exc, self.settings)
                 raise
             try:
-                job = run_claimed(self.store, job_id, run_id, on_progress)
+                job = run_claimed(self.store, job_id, run_id, on_progress, self.settings)
             except JobError:  # taken over meanwhile
                 break
             if job.state is not JobState.QUEUED:

@@ -44,7 +44,7 @@ def run_demo(folder: str, *, quiet: bool = False) -> dict[str, Any]:
     client = Client()  # the default store; the job runs here, as `submit --wait` runs it
     submitted = client.enqueue(spec, run_here=True)
     say(f"Running job {submitted.job.job_id} on a local Ray instance ...")
-    with ProgressDisplay(submitted.job.job_id, quiet=quiet) as display:
+    with ProgressDisplay(submitted.job.job_id, quiet=quiet, settings=client.settings) as display:
         job = client.finish(submitted, display.update)
     report: dict[str, Any] = {"job_id": job.job_id, "state": job.state.value, "output": output,
                               "keras_test_accuracy": assets["test_accuracy"]}
