@@ -202,7 +202,7 @@ def _deploy(options: ServeOptions, source: Any, token: str | None) -> None:
 
     threads = math.ceil(options.cpus_per_replica) if options.cpus_per_replica else None
     settings = Settings(
-        source=source, top_k=options.top_k, max_batch_size=options.max_batch_size,
+        sources=(source,), top_k=options.top_k, max_batch_size=options.max_batch_size,
         batch_wait_ms=options.batch_wait_ms, threads=threads,
         token_sha256=hashlib.sha256(token.encode()).hexdigest() if token else None,
     )
