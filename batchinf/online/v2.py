@@ -253,7 +253,7 @@ def _tensor(name: str, count: int | None, binary: bool, found: list["Ranked"], c
         assert answer.class_ids is not None and answer.scores is not None
         for class_id, score in zip(answer.class_ids[:count], answer.scores[:count], strict=True):
             # str() of a float32 is its shortest exact form: it parses back to the same score
-            text = f"{np.float32(score)}:{int(class_id)}"
+            text = f"{str(np.float32(score))}:{int(class_id)}"
             if labels and class_id < len(labels):
                 text += f":{labels[class_id]}"
             strings.append(text)
