@@ -204,8 +204,9 @@ class Classifier:
                   for source in settings.sources]
         self._versions = {v.label: v for v in sorted(loaded, key=lambda v: int(v.label))}
         self.name = settings.sources[0].name
-        self._classify_batch.set_max_batch_size(settings.max_batch_size)
-        self._classify_batch.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000.0)
+        self._classify_batch.set_max_batch_size(settings.max_batch_size)  # type: ignore[attr-defined]
+        self._classify_batch.set_batch_wait_timeout_s(  # type: ignore[attr-defined]
+            settings.batch_wait_ms / 1000.0)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return build_api(self, self._settings.token_sha256)

@@ -6,7 +6,7 @@ Inference Protocol's clients read an error from (they read ``error``).
 """
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import Request
@@ -89,7 +89,7 @@ def _check_length(request: Request) -> None:
                                         f"{MAX_BODY_BYTES}-byte limit")
 
 
-async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncGenerator[bytes, None]:
     seen = 0
     async for chunk in stream:
         seen += len(chunk)
@@ -98,7 +98,7 @@ async def _limited(stream: AsyncIterator[bytes], limit: int) -> AsyncIterator[by
         yield chunk
 
 
-async def _form_file(request: Request, body: AsyncIterator[bytes]) -> bytes:
+async def _form_file(request: Request, body: AsyncGenerator[bytes, None]) -> bytes:
     try:
         form = await MultiPartParser(request.headers, body, max_files=1, max_fields=16).parse()
     except MultiPartException as exc:

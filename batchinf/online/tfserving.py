@@ -19,6 +19,7 @@ No ``from __future__ import annotations``: FastAPI reads the routes' annotations
 
 import base64
 import binascii
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -39,7 +40,7 @@ DT_NAMES = {"float32": "DT_FLOAT", "float64": "DT_DOUBLE", "float16": "DT_HALF",
 
 def add_routes(api: FastAPI, classifier: "Classifier") -> None:
     """TF Serving's routes on ``api``; batchinf's ``:classify`` route takes its JSON form too."""
-    tags = ["TF Serving REST API"]
+    tags: list[str | Enum] = ["TF Serving REST API"]
 
     @api.get("/v1/models/{name}", tags=tags, summary="Model status of every served version")
     async def status(name: str) -> Response:

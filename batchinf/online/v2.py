@@ -28,6 +28,7 @@ import binascii
 import json
 import math
 import struct
+from enum import Enum
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,7 +46,7 @@ EXTENSIONS = ["classification", "binary_tensor_data"]
 
 
 def add_routes(api: FastAPI, classifier: "Classifier") -> None:
-    tags = ["Open Inference Protocol (v2)"]
+    tags: list[str | Enum] = ["Open Inference Protocol (v2)"]
 
     @api.get("/v2", tags=tags, summary="Server name, version and protocol extensions")
     async def server_metadata() -> Response:
