@@ -16,6 +16,8 @@ import base64
 import io
 import json
 import shutil
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -365,3 +367,11 @@ def test_the_openapi_page_lists_the_protocols_routes(server):
     assert {"/v1/models/{name}:predict", "/v1/models/{name}/versions/{version}:predict",
             "/v1/models/{name}/metadata", "/v2/models/{name}/infer",
             "/v2/models/{name}/versions/{version}/infer", "/v2/health/ready"} <= paths
+
+
+def test_versions_and_all_versions_together_are_refused(two_versions):
+    done = subprocess.run([sys.executable, "-m", "batchinf.cli", "serve", "--model", two_versions,
+                           "--all-versions", "--model-version", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "--all-versions" in done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
