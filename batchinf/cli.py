@@ -506,7 +506,9 @@ def dispatcher(
 def serve_command(
     model: Annotated[str, typer.Option(help="Model folder or s3:// prefix (TF Serving layout or "
                                        "SavedModel), as batch jobs take it.")],
-    model_version: Annotated[int | None, typer.Option(help="Model version [default: highest].")] = None,
+    model_version: Annotated[list[int] | None, typer.Option(
+        help="Model version; repeat to serve several [default: highest].")] = None,
+    all_versions: Annotated[bool, typer.Option(help="Serve every version of the model.")] = False,
     host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs "
                                       "BATCHINF_SERVE_TOKEN.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
@@ -534,7 +536,8 @@ def serve_command(
 
     low, high = parse_replicas(replicas)
     options = ServeOptions(
-        model=absolute_uri(model), model_version=model_version, host=host, port=port,
+        model=absolute_uri(model), model_versions=tuple(model_version or ()),
+        all_versions=all_versions, host=host, port=port,
         replicas_min=low, replicas_max=high, gpus_per_replica=gpus_per_replica,
         cpus_per_replica=cpus_per_replica, max_batch_size=max_batch_size,
         batch_wait_ms=batch_wait_ms, top_k=top_k,

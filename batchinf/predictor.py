@@ -139,6 +139,17 @@ class Predictor:
                                                 "shape": [None, self.info.num_classes]}},
         }
 
+    def serving_signature(self) -> Signature:
+        """Every input and output of the serving signature, as the model declares them."""
+        return _signature_of(self._fn)
+
+    def run_signature(self, value: Any) -> dict[str, np.ndarray]:
+        """The serving signature on its own input, as a client sent it (TF Serving's ``:predict``):
+        no decoding or scaling here, and every output, not only the ranked one."""
+        tensor = self._tf.constant(value, dtype=self._input_dtype)
+        outputs = self._fn(**{self.info.input_name: tensor})
+        return {name: np.asarray(output) for name, output in outputs.items()}
+
     def predict(self, batch: DecodedBatch, top_k: int | None = None) -> PredictedBatch:
         """Run the model on the rows that decoded; isolate rows the model itself rejects.
 

@@ -54,12 +54,30 @@ def _running(process: psutil.Process) -> bool:
         return False
 
 
+# Ray waits a fixed 30 s for its raylet to register; a loaded machine can miss that.
+RAY_START_TIMED_OUT = "The current node timed out during startup"
+
+
 def start_server(model: str, *args: str, folder: Path, env: dict[str, str] | None = None,
-                 base_env: dict[str, str] | None = None, timeout: float = 240) -> Server:
+                 base_env: dict[str, str] | None = None, timeout: float = 240,
+                 attempts: int = 2) -> Server:
     """Start ``batchinf serve`` and wait until /healthz answers 200 (or fail with its output).
 
-    Its environment is ``base_env`` (default: this process's) with ``env`` on top.
+    Its environment is ``base_env`` (default: this process's) with ``env`` on top. A start that
+    failed only because Ray's own start timed out is tried again, up to ``attempts`` in all.
     """
+    for attempt in range(1, attempts + 1):
+        try:
+            return _start_server(model, *args, folder=folder, env=env, base_env=base_env,
+                                 timeout=timeout)
+        except AssertionError as failed:
+            if attempt == attempts or RAY_START_TIMED_OUT not in str(failed):
+                raise
+    raise AssertionError("not reached")
+
+
+def _start_server(model: str, *args: str, folder: Path, env: dict[str, str] | None,
+                  base_env: dict[str, str] | None, timeout: float) -> Server:
     port = free_port()
     log = folder / f"serve-{port}.log"
     with open(log, "wb") as out:

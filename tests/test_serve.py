@@ -183,7 +183,7 @@ def test_a_streamed_body_over_64_mib_is_refused(server):
 
 
 def test_model_route_reports_version_and_signature(server):
-    info = requests.get(f"{server.url}/v1/models/colour", headers=AUTH, timeout=10).json()
+    info = requests.get(f"{server.url}/v1/models/colour/metadata", headers=AUTH, timeout=10).json()
     assert info["model"] == {"name": "colour", "version": "2"}
     assert info["signature"]["inputs"]["image"]["shape"] == [None, 8, 8, 3]
     assert info["signature"]["inputs"]["image"]["dtype"] == "float32"

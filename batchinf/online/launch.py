@@ -37,7 +37,8 @@ log = logging.getLogger("batchinf.serve")
 @dataclass(frozen=True)
 class ServeOptions:
     model: str
-    model_version: int | None = None
+    model_versions: tuple[int, ...] = ()  # each --model-version; none: the highest
+    all_versions: bool = False
     host: str = "127.0.0.1"
     port: int = 8000
     replicas_min: int = 1
@@ -114,13 +115,16 @@ def stop_on_signals() -> Iterator[threading.Event]:
 
 def serve(options: ServeOptions, token: str | None, say: Callable[[str], None]) -> str:
     """Serve until a signal; return the signal's name. ``say`` gets one line per step."""
-    from batchinf.model import resolve_model
+    from batchinf.online.versions import served_versions
     from batchinf.raycluster import ensure_ray, session_dir
     from batchinf.signature import inspect
 
     options.validate()
-    source = resolve_model(options.model, options.model_version)  # a typo fails before Ray starts
-    inspect(source)  # and so does a model it cannot feed, or labels of the wrong length
+    # A typo fails before Ray starts, and so does a model it cannot feed, or wrong labels
+    sources = served_versions(options.model, options.model_versions, options.all_versions)
+    for each in sources:
+        inspect(each)
+    source = sources[-1]  # the highest, which answers routes that name no version
     local = options.address is None
     if local:
         _check_port_free(options.host, options.port)
@@ -137,9 +141,10 @@ def serve(options: ServeOptions, token: str | None, say: Callable[[str], None]) 
         with stop_on_signals():
             try:
                 started_serve = _start_serve(options)
-                say(f"loading {source.name} (version {source.version or '-'}) on "
-                    f"{_replicas(options)}")
-                _deploy(options, source, token)
+                versions = ", ".join(s.version or "-" for s in sources)
+                say(f"loading {source.name} (version{'s' if len(sources) > 1 else ''} "
+                    f"{versions}) on {_replicas(options)}")
+                _deploy(options, tuple(sources), token)
                 url = f"http://{_url_host(options.host)}:{options.port}"
                 say(f"serving {source.name} at {url}/v1/models/{source.name}:classify "
                     f"(docs at {url}/docs; Ctrl-C stops)")
@@ -196,7 +201,7 @@ def _start_serve(options: ServeOptions) -> bool:
     return True
 
 
-def _deploy(options: ServeOptions, source: Any, token: str | None) -> None:
+def _deploy(options: ServeOptions, sources: tuple[Any, ...], token: str | None) -> None:
     import math
 
     from ray import serve
@@ -206,7 +211,7 @@ def _deploy(options: ServeOptions, source: Any, token: str | None) -> None:
 
     threads = math.ceil(options.cpus_per_replica) if options.cpus_per_replica else None
     settings = Settings(
-        source=source, top_k=options.top_k, max_batch_size=options.max_batch_size,
+        sources=sources, top_k=options.top_k, max_batch_size=options.max_batch_size,
         batch_wait_ms=options.batch_wait_ms, threads=threads,
         token_sha256=hashlib.sha256(token.encode()).hexdigest() if token else None,
     )
