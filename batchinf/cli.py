@@ -609,7 +609,7 @@ def _click_errors() -> tuple[type[Exception], type[BaseException]]:
     try:
         from typer._click.exceptions import ClickException
     except ImportError:  # pragma: no cover - depends on the installed typer
-        from click.exceptions import ClickException
+        from click.exceptions import ClickException  # type: ignore[assignment]
     return ClickException, typer.Abort
 
 

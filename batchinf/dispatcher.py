@@ -193,7 +193,8 @@ class Dispatcher:
             )
         except Exception as exc:
             if not self._ours_already(job.job_id, ray_job_id):
-                return self._refused(job.job_id, ray_job_id, exc)
+                self._refused(job.job_id, ray_job_id, exc)
+                return None
             log.info("job %s: Ray job %s exists already (an earlier answer was lost); adopted",
                      job.job_id, ray_job_id)
         if claimed.launch_refusals:

@@ -154,7 +154,7 @@ class JobRunner:
             if reserved is None:  # cancelled while waiting for room
                 return JobResult(self._summary(source, columns, progress, None), cancelled=True)
             pool.launch()  # the replicas load the model while the first batches decode
-            task = ray.remote(decode_batch)
+            task: Any = ray.remote(decode_batch)  # Ray's stubs know fewer arguments than it takes
             policy = ReadPolicy.from_settings(
                 self.settings,
                 tuple(spec.allowed_buckets) if spec.allowed_buckets is not None else None)

@@ -188,7 +188,7 @@ class PredictorPool:
                 strategy = PlacementGroupSchedulingStrategy(
                     self._group, placement_group_bundle_index=number
                 )
-            actor = remote.options(
+            actor: Any = remote.options(
                 name=f"{self._prefix}{generation}-predictor-{number}",
                 num_cpus=self.plan.replica_cpus,
                 num_gpus=self.plan.replica_gpus,
