@@ -1,7 +1,21 @@
 #!/usr/bin/env bash
-# Lint and run the whole test suite in the repo's own venv (.venv), creating it if missing.
-# This is the command the README gives and the one CI runs (.ci/run).
+# Lint and run the tests in the repo's own venv (.venv), creating it if missing.
+#
+#   bash scripts/test.sh               every tier: the command the README gives and CI runs (.ci/run)
+#   bash scripts/test.sh --fast        lint and the unit tier only, with Ray unable to start
+#   bash scripts/test.sh --tier ray    one tier (unit, ray, cluster or deploy)
+#
+# Any further arguments go to pytest (a file, -k, -x, --durations=20...). The tiers and their
+# rule are in docs/testing.md.
 set -euo pipefail
+
+tier=""
+case "${1:-}" in
+    --fast) tier=unit; shift ;;
+    --tier)
+        tier="${2:?--tier needs one of unit, ray, cluster, deploy}"; shift 2
+        [[ "$tier" =~ ^(unit|ray|cluster|deploy)$ ]] || { echo "$0: no tier $tier" >&2; exit 2; } ;;
+esac
 
 # shellcheck source=scripts/venv.sh
 source "$(dirname "${BASH_SOURCE[0]}")/venv.sh"
@@ -15,4 +29,24 @@ if ! command -v chromium >/dev/null; then
 fi
 
 .venv/bin/ruff check batchinf tests bench
-exec .venv/bin/python -m pytest -q "$@"
+if [[ -z "$tier" ]]; then
+    exec .venv/bin/python -m pytest -q "$@"
+fi
+if [[ "$tier" != unit ]]; then
+    exec .venv/bin/python -m pytest -q -m "$tier" "$@"
+fi
+
+# The unit tier runs with tests/noray first on PYTHONPATH: there Ray cannot start, in pytest or
+# in any subprocess, and each test that tried is logged, so one that starts Ray without its
+# tier saying so fails here rather than slowing the fast tier down.
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+PYTHONPATH="$PWD/tests/noray${PYTHONPATH:+:$PYTHONPATH}" BATCHINF_NORAY_LOG="$log" \
+    .venv/bin/python -m pytest -q -m unit "$@" || status=$?
+if [[ -s "$log" ]]; then
+    echo "$0: these unit tests started Ray; mark them (STARTS_RAY in tests/conftest.py):" >&2
+    sort -u "$log" >&2
+    status=1
+fi
+exit "$status"

@@ -1,4 +1,5 @@
-"""Shared real parts: moto's S3 server over HTTP on 127.0.0.1 and one local Ray instance.
+"""Shared real parts: moto's S3 server over HTTP on 127.0.0.1 and one local Ray instance;
+and the test tiers (docs/testing.md): every test is marked unit, ray, cluster or deploy here.
 
 The S3 server starts first and its endpoint goes into the standard AWS variables, so Ray's
 worker processes (started afterwards) inherit them, exactly as they would for MinIO.
@@ -13,6 +14,69 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+# --- Test tiers --------------------------------------------------------------------------------
+# A test's tier is the heaviest thing it starts, read from the fixtures it requests, so a new
+# test lands in the right tier without a marker of its own:
+#   deploy   every test of tests/test_deploy.py (it installs the images' packages);
+#   cluster  it requests a fixture of a module that builds a LocalCluster (tests/cluster.py);
+#   ray      it requests a fixture in RAY_FIXTURES;
+#   unit     anything else: no Ray process may start (scripts/test.sh --fast enforces it).
+# STARTS_RAY lists what starts Ray where no fixture shows it: a ``batchinf`` subprocess with
+# the embedded local head, ``batchinf serve``, a chaos run. A name there is a test or a fixture
+# of that file; a name that matches nothing fails the run, so a rename cannot drop it.
+
+TIERS = ("unit", "ray", "cluster", "deploy")
+DEPLOY_FILES = {"test_deploy.py"}
+RAY_FIXTURES = {"ray_head", "ray_local"}
+STARTS_RAY: dict[str, str] = {
+    "test_bench.py::test_batchinf_entry_runs_the_product_and_reports_its_rows": "ray",
+    "test_chaos.py::test_a_short_chaos_run_loses_and_doubles_no_row": "cluster",
+    "test_cli.py::test_submit_wait_json_writes_parquet_that_pandas_pyarrow_and_duckdb_read": "ray",
+    "test_cli.py::test_submit_wait_off_a_terminal_logs_plain_progress_lines": "ray",
+    "test_cli.py::test_a_job_over_its_error_budget_exits_1_with_one_line_on_stderr": "ray",
+    "test_embedded.py::shell": "ray",
+    "test_faults.py::test_a_whole_job_on_s3_through_faults_loses_no_row_and_writes_none_twice": "ray",
+    "test_secrets.py::test_planted_credentials_and_the_ray_token_appear_in_nothing_the_job_leaves": "ray",
+    "test_serve.py::server": "ray",
+    "test_serve.py::test_a_signal_stops_it_cleanly_and_leaves_no_ray_process": "ray",
+}
+
+
+def _builds_a_cluster(fixturedef: Any) -> bool:
+    from tests.cluster import LocalCluster
+
+    return getattr(fixturedef.func, "__globals__", {}).get("LocalCluster") is LocalCluster
+
+
+def tier_of(item: pytest.Item) -> str:
+    """The heaviest tier the test needs (the rule above)."""
+    file = os.path.basename(str(item.path))
+    if file in DEPLOY_FILES:
+        return "deploy"
+    names = set(getattr(item, "fixturenames", ())) | {getattr(item, "originalname", item.name)}
+    defs = getattr(item, "_fixtureinfo", None)
+    closure = defs.name2fixturedefs.values() if defs is not None else []
+    if any(_builds_a_cluster(d) for chain in closure for d in chain):
+        return "cluster"
+    listed = {STARTS_RAY[f"{file}::{n}"] for n in names if f"{file}::{n}" in STARTS_RAY}
+    if listed:
+        return max(listed, key=TIERS.index)
+    return "ray" if names & RAY_FIXTURES else "unit"
+
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    modules: dict[str, Any] = {}
+    for item in items:
+        if not any(item.get_closest_marker(t) for t in TIERS):  # an explicit marker wins
+            item.add_marker(getattr(pytest.mark, tier_of(item)))
+        if getattr(item, "module", None) is not None:
+            modules[os.path.basename(str(item.path))] = item.module
+    stale = [key for key in STARTS_RAY
+             if key.split("::")[0] in modules and not hasattr(modules[key.split("::")[0]], key.split("::")[1])]
+    if stale:
+        raise pytest.UsageError(f"tests/conftest.py STARTS_RAY names what is not in its file: {stale}")
 
 
 def free_port() -> int:
