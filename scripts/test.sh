@@ -28,7 +28,8 @@ if ! command -v chromium >/dev/null; then
     $sudo apt-get update && $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium
 fi
 
-.venv/bin/ruff check batchinf tests bench
+.venv/bin/ruff check batchinf tests bench examples
+.venv/bin/mypy batchinf  # settings in pyproject.toml [tool.mypy]
 if [[ -z "$tier" ]]; then
     exec .venv/bin/python -m pytest -q "$@"
 fi

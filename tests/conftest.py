@@ -39,6 +39,8 @@ STARTS_RAY: dict[str, str] = {
     "test_faults.py::test_a_whole_job_on_s3_through_faults_loses_no_row_and_writes_none_twice": "ray",
     "test_secrets.py::test_planted_credentials_and_the_ray_token_appear_in_nothing_the_job_leaves": "ray",
     "test_serve.py::server": "ray",
+    "test_serve_protocols.py::server": "ray",
+    "test_serve_protocols.py::bytes_server": "ray",
     "test_serve.py::test_a_signal_stops_it_cleanly_and_leaves_no_ray_process": "ray",
 }
 

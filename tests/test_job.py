@@ -25,7 +25,7 @@ from batchinf.job import (
 )
 from batchinf.settings import Settings
 
-LEGAL = [(old, new) for old, targets in TRANSITIONS.items() for new in targets]
+LEGAL = [(old, new) for old, targets in TRANSITIONS.items() for new in sorted(targets)]  # a stable order
 ILLEGAL = [(old, new) for old in JobState for new in JobState if (old, new) not in LEGAL]
 
 

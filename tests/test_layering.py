@@ -56,6 +56,8 @@ def _imported_names(module: str) -> set[str]:
     here = ["batchinf", *module.split(".")]
     if modules()[module].name != "__init__.py":
         here.pop()  # a plain module's relative imports start from its package
+    for guard in [n for n in ast.walk(tree) if _type_checking_only(n)]:
+        guard.body = []  # imports for annotations only: never run, so no cycle at run time
     names: set[str] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.Import):
@@ -67,6 +69,15 @@ def _imported_names(module: str) -> set[str]:
             names.add(base)
             names.update(f"{base}.{alias.name}" for alias in node.names)
     return names
+
+
+def _type_checking_only(node: ast.AST) -> bool:
+    """``if TYPE_CHECKING:`` (or ``typing.TYPE_CHECKING``)."""
+    if not isinstance(node, ast.If):
+        return False
+    test = node.test
+    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
 
 
 @functools.cache
