@@ -107,3 +107,70 @@ def write_solid_image(path: str, rgb: tuple[int, int, int], size: tuple[int, int
     os.makedirs(os.path.dirname(path), exist_ok=True)
     Image.new("RGB", size, rgb).save(path, format="PNG")
     return path
+
+
+GATE_COLOUR = (255, 0, 255)  # magenta: no other test image has it
+
+
+class Gate:
+    """A file that holds a job at a known point: the gated model (``make_gated_model``) does
+    not answer a batch holding a ``GATE_COLOUR`` image until ``path`` exists.
+
+    Kill-mid-job tests put such images where the job must wait (its last rows, say), so it
+    cannot finish before the test has done what it must mid-job, however fast the machine.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    @property
+    def is_open(self) -> bool:
+        return os.path.exists(self.path)
+
+    def open(self) -> None:
+        with open(self.path, "w"):
+            pass
+
+    def close(self) -> None:
+        if self.is_open:
+            os.remove(self.path)
+
+
+def make_gated_model(base: str, gate: Gate, poll_ms: int = 50) -> str:
+    """``make_image_model``'s model (same scores), but a batch holding a ``GATE_COLOUR`` image
+    waits until ``gate`` is open, polling every ``poll_ms`` inside the graph (no Python in the
+    SavedModel). Batches without one pass straight through."""
+    import tensorflow as tf
+    # TF's own test transformation (not public API): a dataset op that sleeps, which blocks
+    # the calling thread without burning a CPU, unlike a spin, and is stored in a SavedModel.
+    from tensorflow.python.data.experimental.ops.testing import sleep
+
+    weights, bias = tf.constant(WEIGHTS), tf.constant(BIAS)
+    marker = tf.constant(GATE_COLOUR, tf.float32) / 255.0
+
+    def closed(waits: tf.Tensor) -> tf.Tensor:
+        # The path joined with an empty string made from the loop variable: with a constant
+        # pattern, grappler folds ``matching_files`` to its value when the graph is optimized,
+        # and the gate would never be seen open.
+        empty = tf.strings.substr(tf.strings.as_string(waits), 0, 0)
+        pattern = tf.strings.join([tf.constant(gate.path), empty])
+        return tf.equal(tf.size(tf.io.matching_files(pattern)), 0)
+
+    def wait(waits: tf.Tensor) -> tf.Tensor:
+        nap = tf.data.Dataset.range(1).apply(sleep(poll_ms * 1000))  # made in the graph
+        return waits + nap.reduce(tf.constant(1, tf.int64), lambda total, _: total)
+
+    class Gated(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, SIZE, SIZE, 3], tf.float32, name="image")])
+        def serve(self, image: tf.Tensor) -> dict:
+            means = tf.reduce_mean(image, axis=[1, 2])
+            held = tf.reduce_any(tf.reduce_all(tf.abs(means - marker) < 0.02, axis=1))
+            (waits,) = tf.while_loop(lambda w: tf.logical_and(held, closed(w)), wait,
+                                     [tf.constant(0, tf.int64)])
+            with tf.control_dependencies([waits]):
+                return {"scores": tf.identity(means @ weights + bias)}
+
+    module = Gated()
+    tf.saved_model.save(module, os.path.join(base, "1"), signatures={"serving_default": module.serve})
+    _write_sidecars(base, True, {"input_range": [0, 1]})
+    return base
