@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 
 import pyarrow.parquet as pq
 import pytest
@@ -17,7 +18,8 @@ from batchinf.attempt import execute
 from batchinf.dispatcher import Dispatcher
 from batchinf.job import JobSpec, JobState, transition
 from batchinf.jobstore import JobStore
-from tests.conftest import drive, numbered_images, repeated_manifest, until, write_manifest
+from tests.conftest import drive, numbered_images, until, write_manifest
+from tests.models import Gate, closed, gated_manifest, gated_model
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -33,10 +35,23 @@ def dispatcher(store, ray_head) -> Dispatcher:
 
 
 @pytest.fixture(scope="module")
-def many_images(tmp_path_factory) -> str:
-    """300 small PNGs: a job over them with batch size 1 takes long enough to interrupt."""
+def images(tmp_path_factory) -> str:
     folder = tmp_path_factory.mktemp("many")
-    return numbered_images(folder, 300, 40, 200)
+    return numbered_images(folder, 40, 40, 200)
+
+
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory) -> tuple[str, tuple[Gate, ...]]:
+    """The gated model (``tests/models.py``): a job whose manifest ends in rows of a gate's
+    colour is mid-job, whatever the machine's speed, until the test opens that gate."""
+    return gated_model(str(tmp_path_factory.mktemp("queue-gated")))
+
+
+@pytest.fixture()
+def gate(gated) -> Iterator[Gate]:
+    """The first gate, closed for the test."""
+    with closed(gated[1]):
+        yield gated[1][0]
 
 
 def _output_rows(output: str) -> list[str]:
@@ -93,35 +108,37 @@ def test_priority_then_age_with_one_job_at_a_time(dispatcher, store, image_model
     assert starts["high"] < starts["mid"] < starts["low"]
 
 
-def test_cancel_mid_run_then_resume_redoes_only_missing_shards(dispatcher, store, image_model, many_images, tmp_path):
+def test_cancel_mid_run_then_resume_redoes_only_missing_shards(dispatcher, store, gated, gate, images, tmp_path):
     output = str(tmp_path / "out")
-    job, _ = store.create(JobSpec(many_images, image_model, output, batch_size=1, shard_size=20))
+    manifest = gated_manifest(images, tmp_path / "m.csv", (40, None), (20, gate))
+    job, _ = store.create(JobSpec(manifest, gated[0], output, batch_size=1, shard_size=20))
     until(lambda: dispatcher.tick() or store.get(job.job_id).rows_done > 0)
-    store.request_cancel(job.job_id)
+    store.request_cancel(job.job_id)  # it cannot have ended: its last rows wait at the gate
     cancelled = until(lambda: (j := store.get(job.job_id)).state.terminal and j, timeout=30)
     assert cancelled.state is JobState.CANCELLED
     assert not storage.exists(os.path.join(output, "_SUCCESS"))
     parts_before = len([n for n in storage.list_names(output) if n.endswith(".parquet")])
+    gate.open()
     store.update(job.job_id, lambda j: transition(j, JobState.QUEUED))  # what `resume` does
     done = drive(dispatcher, job.job_id)
-    assert done.state is JobState.SUCCEEDED and done.summary["rows_this_run"] <= 300 - 20 * parts_before
-    assert sorted(_output_rows(output), key=int) == [str(i) for i in range(300)]
+    assert done.state is JobState.SUCCEEDED and done.summary["rows_this_run"] <= 60 - 20 * parts_before
+    assert sorted(_output_rows(output), key=int) == [str(i) for i in range(60)]
 
 
-def test_a_killed_driver_is_requeued_and_finishes_exactly_once(dispatcher, store, image_model, many_images, tmp_path):
+def test_a_killed_driver_is_requeued_and_finishes_exactly_once(dispatcher, store, gated, gate, images, tmp_path):
     dispatcher.settings = dispatcher.settings.replace(retry_delay=1.0)  # read when it started
     output = str(tmp_path / "out")
-    # 3,000 rows: 300 took about a second here, barely more than the half second between polls.
-    long = repeated_manifest(many_images, 10, tmp_path / "long.csv")
-    job, _ = store.create(JobSpec(long, image_model, output, batch_size=1, shard_size=20))
+    manifest = gated_manifest(images, tmp_path / "m.csv", (40, None), (20, gate))
+    job, _ = store.create(JobSpec(manifest, gated[0], output, batch_size=1, shard_size=20))
     dispatcher.tick()
     running = until(lambda: (j := store.get(job.job_id)).runner and storage.list_names(output) and j)
     os.kill(running.runner["pid"], signal.SIGKILL)
-    assert store.get(job.job_id).rows_done < 3000  # killed mid-job
+    assert store.get(job.job_id).rows_done < 60  # killed mid-job: its last rows wait at the gate
+    gate.open()
     done = drive(dispatcher, job.job_id)
     assert done.state is JobState.SUCCEEDED and done.attempt == 2
     assert "(driver or its node lost)" in done.attempts[0]["reason"]
-    assert sorted(_output_rows(output), key=int) == [str(i) for i in range(3000)]
+    assert sorted(_output_rows(output), key=int) == [str(i) for i in range(60)]
 
 
 def test_error_budget_fails_the_job_with_the_count_in_its_record(ray_local, image_model, tmp_path):

@@ -11,6 +11,10 @@ and joins leave it for the next test:
 
 The dispatcher runs as its own process, as on a deployed cluster; a thread samples the job's
 record, so what ``status`` said while the job re-planned can be asserted afterwards.
+
+Every loss is mid-job whatever the machine's speed: the job's model is the gated test model
+(``tests/models.py``), and its manifest ends in rows the model holds until the test opens
+their gate, which it does once the re-plan is over. The jobs are short: nothing needs them long.
 """
 
 from __future__ import annotations
@@ -29,7 +33,8 @@ from batchinf.job import Job, JobSpec, JobState
 from batchinf.jobstore import JobStore
 from batchinf.progress import Progress
 from tests.cluster import LocalCluster, Node, served_store
-from tests.conftest import numbered_images, repeated_manifest, until
+from tests.conftest import numbered_images, until
+from tests.models import Gate, closed, gated_manifest, gated_model
 
 KNOBS = {
     "BATCHINF_RETRY_DELAY": "2",
@@ -91,13 +96,27 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> str:
     return numbered_images(folder, 100, 90, 30)
 
 
-def submit(store: JobStore, images: str, model: str, folder: Any, times: int, **kw: Any) -> Job:
-    manifest = repeated_manifest(images, times, folder / "long.csv")
+@pytest.fixture(scope="module")
+def gated(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, tuple[Gate, ...]]:
+    """The gated model and its two gates."""
+    return gated_model(str(tmp_path_factory.mktemp("replan-gated")))
+
+
+@pytest.fixture()
+def model(gated: tuple[str, tuple[Gate, ...]]) -> Iterator[str]:
+    """The gated model, both its gates closed for the test."""
+    with closed(gated[1]):
+        yield gated[0]
+
+
+def submit(store: JobStore, images: str, model: str, folder: Any,
+           *parts: tuple[int, Gate | None], **kw: Any) -> Job:
+    manifest = gated_manifest(images, folder / "manifest.csv", *parts)
     job, _ = store.create(JobSpec(manifest, model, str(folder / "out"), **kw))
     return job
 
 
-def finished(store: JobStore, job: Job, timeout: float = 420.0) -> Job:
+def finished(store: JobStore, job: Job, timeout: float = 300.0) -> Job:
     return until(lambda: (j := store.get(job.job_id)).state.terminal and j, timeout)
 
 
@@ -113,6 +132,13 @@ def moving(store: JobStore, job: Job, rows: int) -> Job:
     """Until the job has done ``rows`` rows and every replica takes work (nothing waits)."""
     return until(lambda: (j := store.get(job.job_id)).rows_done >= rows and j.waiting is None
                  and j, timeout=300)
+
+
+def replanned(store: JobStore, job: Job, timeline: Timeline, lost_at: float) -> Job:
+    """Until the job has re-planned after the loss and its replicas are ready again."""
+    until(lambda: any(w.startswith(REPLANNING) for w in timeline.waiting_since(lost_at)), 120)
+    return until(lambda: not ((j := store.get(job.job_id)).waiting or "").startswith(REPLANNING)
+                 and j, timeout=240)
 
 
 def join(cluster: LocalCluster, cpus: int = 1, resources: dict[str, float] | None = None) -> Node:
@@ -172,87 +198,107 @@ class TestAHeadWithCpusAndOneWorker:
     shape = "head_and_worker"
 
     def test_losing_the_worker_replans_on_the_head_and_goes_on_with_one_replica(
-        self, cluster: LocalCluster, store: JobStore, image_model: str, images: str, tmp_path: Any
+        self, cluster: LocalCluster, store: JobStore, model: str, gated: Any, images: str,
+        tmp_path: Any
     ) -> None:
         """The reported case: 2 replicas of 0.5 CPU; after the loss the head runs one."""
-        job = submit(store, images, image_model, tmp_path, 60, replicas_min=2, replicas_max=2,
-                     batch_size=2, shard_size=64)
+        gate = gated[1][0]
+        job = submit(store, images, model, tmp_path, (256, None), (64, gate), replicas_min=2,
+                     replicas_max=2, batch_size=2, shard_size=64)
         timeline = Timeline(store, job.job_id)
-        moving(store, job, 128)
+        moving(store, job, 256)  # all it can do before the gate
         lost_at = lose(cluster, workers(cluster)[0])
+        assert replanned(store, job, timeline, lost_at).waiting == (
+            "waiting for 1 of 2 replicas: needs {'CPU': 0.5}")  # the second has no room
+        gate.open()
         recovery = timeline.recovery_s(lost_at)
         print(f"\nhead 1 CPU + worker: rows move again {recovery:.1f} s after the loss")
         assert recovery < RECOVERY_BOUND_S
         done = finished(store, job)
         timeline.stop()
-        exactly_once(done, 6000)
+        exactly_once(done, 320)
         lines = timeline.waiting_since(lost_at)
         assert any(w.startswith(f"{REPLANNING}: 0 of 2 replicas") for w in lines), lines
-        assert "waiting for 1 of 2 replicas: needs {'CPU': 0.5}" in lines  # the second, after
         assert done.summary["resources"]["replicas_now"] == 1
         join(cluster)  # for the next test
 
     def test_a_worker_lost_while_the_replicas_load_the_model(
-        self, cluster: LocalCluster, store: JobStore, image_model: str, images: str, tmp_path: Any
+        self, cluster: LocalCluster, store: JobStore, model: str, gated: Any, images: str,
+        tmp_path: Any
     ) -> None:
         (worker,) = workers(cluster)
-        job = submit(store, images, image_model, tmp_path, 6, replicas_min=2, replicas_max=2,
-                     batch_size=4, shard_size=64)
+        gate = gated[1][0]
+        job = submit(store, images, model, tmp_path, (40, gate), replicas_min=2, replicas_max=2,
+                     batch_size=4, shard_size=20)
         timeline = Timeline(store, job.job_id)
         until(lambda: (store.get(job.job_id).waiting or "").startswith("starting replicas"))
         lost_at = lose(cluster, worker)
-        assert store.get(job.job_id).rows_done == 0  # no replica held the model yet
+        replanned(store, job, timeline, lost_at)
+        assert store.get(job.job_id).rows_done == 0  # every row waits at the gate
+        gate.open()
         print(f"\nloss during model load: rows move {timeline.recovery_s(lost_at):.1f} s after it")
         done = finished(store, job)
         timeline.stop()
-        exactly_once(done, 600)
+        exactly_once(done, 40)
         join(cluster)  # for the next test
 
     def test_a_worker_lost_during_the_last_shard(
-        self, cluster: LocalCluster, store: JobStore, image_model: str, images: str, tmp_path: Any
+        self, cluster: LocalCluster, store: JobStore, model: str, gated: Any, images: str,
+        tmp_path: Any
     ) -> None:
         (worker,) = workers(cluster)
-        job = submit(store, images, image_model, tmp_path, 30, replicas_min=2, replicas_max=2,
-                     batch_size=1, shard_size=1000)
+        gate = gated[1][0]
+        job = submit(store, images, model, tmp_path, (250, None), (50, gate), replicas_min=2,
+                     replicas_max=2, batch_size=1, shard_size=100)
         timeline = Timeline(store, job.job_id)
-        moving(store, job, 2050)  # the third and last shard has begun
+        moving(store, job, 250)  # the third and last shard has begun, and waits at the gate
         lost_at = lose(cluster, worker)
-        assert store.get(job.job_id).rows_done < 3000
+        replanned(store, job, timeline, lost_at)
+        assert store.get(job.job_id).rows_done == 250
+        gate.open()
         print(f"\nloss in the last shard: rows move {timeline.recovery_s(lost_at):.1f} s after it")
         done = finished(store, job)
         timeline.stop()
-        exactly_once(done, 3000)
+        exactly_once(done, 300)
 
 
 class TestACpuLessHeadAndTwoWorkers:
     shape = "cpu_less_head"
 
     def test_losing_either_worker_replans_on_the_other(
-        self, cluster: LocalCluster, store: JobStore, image_model: str, images: str, tmp_path: Any
+        self, cluster: LocalCluster, store: JobStore, model: str, gated: Any, images: str,
+        tmp_path: Any
     ) -> None:
         first, second = workers(cluster)
-        job = submit(store, images, image_model, tmp_path, 80, replicas_min=2, replicas_max=2,
-                     batch_size=2, shard_size=64)
+        held_first, held_second = gated[1]
+        job = submit(store, images, model, tmp_path, (256, None), (64, held_first),
+                     (64, held_second), replicas_min=2, replicas_max=2, batch_size=2,
+                     shard_size=64)
         timeline = Timeline(store, job.job_id)
-        moving(store, job, 128)
+        moving(store, job, 256)
         lost_at = lose(cluster, first)
+        replanned(store, job, timeline, lost_at)
+        held_first.open()
         print(f"\nCPU-less head, first worker lost: rows move {timeline.recovery_s(lost_at):.1f} s after")
         join(cluster)
-        rows = store.get(job.job_id).rows_done
-        moving(store, job, rows + 64)  # grown back to two replicas: a node joined
+        moving(store, job, 320)  # grown back to two replicas (a node joined), at the second gate
         lost_at = lose(cluster, second)
-        assert store.get(job.job_id).rows_done < 8000  # the second loss was mid-job too
+        replanned(store, job, timeline, lost_at)
+        assert store.get(job.job_id).rows_done == 320  # the second loss was mid-job too
+        held_second.open()
         print(f"CPU-less head, second worker lost: rows move {timeline.recovery_s(lost_at):.1f} s after")
         done = finished(store, job)
         timeline.stop()
-        exactly_once(done, 8000)
+        exactly_once(done, 384)
 
     def test_losing_the_pinned_node_type_waits_for_it_saying_so(
-        self, cluster: LocalCluster, store: JobStore, image_model: str, images: str, tmp_path: Any
+        self, cluster: LocalCluster, store: JobStore, model: str, gated: Any, images: str,
+        tmp_path: Any
     ) -> None:
         gpu = join(cluster, 1, {"gpu_node": 1})
-        job = submit(store, images, image_model, tmp_path, 60, batch_size=2, shard_size=64,
-                     replica_resources={"gpu_node": 1.0})
+        gate = gated[1][0]
+        job = submit(store, images, model, tmp_path, (128, None), (64, gate), batch_size=2,
+                     shard_size=64, replica_resources={"gpu_node": 1.0})
         timeline = Timeline(store, job.job_id)
         moving(store, job, 128)
         lost_at = lose(cluster, gpu)
@@ -260,11 +306,13 @@ class TestACpuLessHeadAndTwoWorkers:
             f"{REPLANNING}: 0 of 1 replicas; waiting for") and w)
         assert "{'CPU': 1.0, 'gpu_node': 1.0}" in waiting, waiting
         join(cluster, 1, {"gpu_node": 1})
+        replanned(store, job, timeline, lost_at)
+        gate.open()
         print(f"\npinned node type lost, another added: rows move "
               f"{timeline.recovery_s(lost_at):.1f} s after the loss")
         done = finished(store, job)
         timeline.stop()
-        exactly_once(done, 6000)
+        exactly_once(done, 192)
 
 
 def test_no_eta_while_re_planning_or_while_no_row_moves(monkeypatch: pytest.MonkeyPatch) -> None:
