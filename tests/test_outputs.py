@@ -274,3 +274,73 @@ def test_the_predictor_returns_exact_embeddings_beside_or_instead_of_the_top_k(
     if top_k:
         assert [LABELS[i] for i in done.class_ids[0]] == [
             label for label, _ in expected_topk(rows[0], top_k)]
+
+
+# -- whole jobs on Ray ----------------------------------------------------------------------------
+
+
+def _manifest(tmp_path, colours) -> str:
+    """The colours as PNGs, then a row whose file is missing (an error row)."""
+    from tests.models import write_solid_image
+
+    rows = []
+    for i, colour in enumerate(colours):
+        write_solid_image(str(tmp_path / "img" / f"{i}.png"), colour)
+        rows.append([f"img/{i}.png", str(i)])
+    rows.append(["img/missing.png", str(len(colours))])
+    return write_manifest(tmp_path / "m.csv", ["uri", "n"], rows)
+
+
+def test_a_top_k_0_job_writes_embeddings_that_pandas_pyarrow_and_duckdb_read(
+        ray_local, embedding_only_model, tmp_path):
+    from batchinf.pipeline import run_job
+
+    colours = COLOURS  # 6 rows and a missing one, in parts of 3
+    output = str(tmp_path / "out")
+    spec = JobSpec(_manifest(tmp_path, colours), embedding_only_model, output, top_k=0,
+                   outputs=["embedding"], batch_size=2, shard_size=3)
+    result = run_job("job-emb", spec)
+    assert result.summary["outputs"] == [{"name": "embedding", "column": "output_embedding",
+                                          "size": 4}]
+    assert (result.summary["rows_ok"], result.summary["rows_failed"]) == (6, 1)
+    assert result.summary["top1_classes"] == {} and result.summary["top1_score_mean"] is None
+
+    table = pq.read_table(output)
+    assert table.schema.field("output_embedding").type == pa.list_(pa.float32(), 4)
+    rows = table.to_pylist()
+    for row, colour in zip(rows, colours, strict=False):
+        assert row["output_embedding"] == pytest.approx(expected_embedding(colour), abs=1e-5)
+        assert (row["predictions"], row["top1_label"], row["error"]) == (None, None, None)
+    assert rows[-1]["output_embedding"] is None and rows[-1]["error_kind"] == "not_found"
+
+    frame = pd.read_parquet(output)
+    vectors = np.stack(frame.loc[frame.error.isna(), "output_embedding"])
+    assert vectors.shape == (6, 4) and vectors.dtype == np.float32
+    red, green = expected_embedding(colours[0]), expected_embedding(colours[1])
+    cosine = float(red @ green / np.linalg.norm(red) / np.linalg.norm(green))
+    assert similarity(output, "img/0.png", "img/1.png") == pytest.approx(cosine, abs=1e-5)
+    nearest = duckdb.sql(f"""
+        select b.n from read_parquet('{output}/*.parquet') a, read_parquet('{output}/*.parquet') b
+        where a.uri = 'img/0.png' and b.error is null and b.uri != a.uri
+        order by array_cosine_similarity(a.output_embedding::FLOAT[4],
+                                         b.output_embedding::FLOAT[4]) desc limit 1""").fetchall()
+    best = max(range(1, 6), key=lambda i: float(
+        red @ expected_embedding(colours[i]) / np.linalg.norm(expected_embedding(colours[i]))))
+    assert nearest == [(str(best),)]
+
+
+def test_a_job_writes_the_top_k_and_the_embedding_side_by_side(
+        ray_local, embedding_model, tmp_path):
+    from batchinf.pipeline import run_job
+
+    output = str(tmp_path / "out")
+    spec = JobSpec(_manifest(tmp_path, COLOURS), embedding_model, output, top_k=3,
+                   outputs=["embedding"], batch_size=4, shard_size=4)
+    result = run_job("job-both", spec)
+    assert result.summary["rows_ok"] == 6 and sum(result.summary["top1_classes"].values()) == 6
+    rows = pq.read_table(output).to_pylist()
+    for row, colour in zip(rows, COLOURS, strict=False):
+        assert [(p["label"], p["score"]) for p in row["predictions"]] == [
+            (label, pytest.approx(score, abs=1e-5)) for label, score in expected_topk(colour, 3)]
+        assert row["output_embedding"] == pytest.approx(expected_embedding(colour), abs=1e-5)
+    assert rows[-1]["predictions"] is None and rows[-1]["output_embedding"] is None
