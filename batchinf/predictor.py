@@ -182,8 +182,9 @@ class Predictor:
         k = top_k or self._top_k
         if self.info.ranks and k:
             class_ids, top = _top_k(found[self.info.output_name], k)
-        else:
-            class_ids, top = np.zeros((len(positions), 0), np.int32), np.zeros((len(positions), 0), np.float32)
+        else:  # top-k 0: no class ranked
+            class_ids = np.zeros((len(positions), 0), np.int32)
+            top = np.zeros((len(positions), 0), np.float32)
         outputs = {name: found[name] for name in self.info.outputs}
         return PredictedBatch(batch.size, positions, class_ids, top, errors, outputs)
 

@@ -2,11 +2,11 @@
 
 The rules (one image input ``[N, H, W, 3]`` or ``tf.string [N]``; an ``[N, classes]`` float
 output to rank, unless the job ranks none; each output named by ``--outputs`` a float
-``[N, D]`` with a fixed ``D``) are checked in one place, ``model_info``, from a ``Signature``. A replica builds that
-``Signature`` from the loaded model; the CLI and the job driver build it by reading
-``saved_model.pb`` directly (``read_saved_model``), a protobuf walked here field by field, so
-that a model batchinf cannot feed, or a ``labels.txt`` of the wrong length, is refused before
-any replica starts, and without importing TensorFlow.
+``[N, D]`` with a fixed ``D``) are checked in one place, ``model_info``, from a ``Signature``.
+A replica builds that ``Signature`` from the loaded model; the CLI and the job driver build
+it by reading ``saved_model.pb`` directly (``read_saved_model``), a protobuf walked here field
+by field, so that a model batchinf cannot feed, or a ``labels.txt`` of the wrong length, or an
+``--outputs`` name it lacks, is refused before any replica starts, and without TensorFlow.
 """
 
 from __future__ import annotations
