@@ -251,6 +251,21 @@ def test_a_top_k_0_part_counts_its_rows_and_describes_itself(tmp_path):
     assert "top-1 classes" not in text and "errors not_found: 1" in text
 
 
+def test_a_top_k_0_output_goes_into_the_ledger_as_a_top_k_output_does(tmp_path):
+    from batchinf import sink
+    from batchinf.ledger import Ledger
+
+    run = sink.RunInfo("job-e", "embed", "1", None, False, {"embedding": 4})
+    output = str(tmp_path / "out")
+    sink.write_part(output, 0, sink.build_table(_shard(0, 3), [_batch(3, {1}, ranked=False)], run))
+    ledger = Ledger(str(tmp_path / "store"), "emb")
+    assert ledger.record_output("job-e", output)
+    latest = ledger.latest().sort_by("uri").to_pylist()
+    assert [(r["uri"], r["ok"], r["top1_label"]) for r in latest] == [
+        ("0-0.png", True, None), ("0-1.png", False, None), ("0-2.png", True, None)]
+    assert len(ledger.scored("embed", "1")) == 2  # an incremental night skips the two ok rows
+
+
 # -- the model, in this process -----------------------------------------------------------------
 
 
