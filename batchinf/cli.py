@@ -75,7 +75,15 @@ def submit(
     ],
     model: Annotated[str | None, typer.Option(help="Model folder (TF Serving layout or SavedModel).")] = None,
     output: Annotated[str | None, typer.Option(help="Output folder or s3:// prefix for Parquet parts.")] = None,
-    top_k: Annotated[int | None, typer.Option(help="Predictions kept per image [default: 5].")] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option(help="Predictions kept per image; 0 for none (with --outputs) [default: 5]."),
+    ] = None,
+    outputs: Annotated[
+        str | None,
+        typer.Option(help="Outputs of the serving signature to write as columns output_<name>, "
+                     "NAME[,NAME]: float [N, D] tensors such as an embedding [default: none]."),
+    ] = None,
     batch_size: Annotated[int | None, typer.Option(help="Images per model call [default: 64].")] = None,
     replicas: Annotated[str | None, typer.Option(help="Model replicas: N or MIN:MAX [default: 1].")] = None,
     gpus_per_replica: Annotated[float | None, typer.Option(help="GPUs each replica reserves [default: 0].")] = None,
@@ -139,7 +147,8 @@ def submit(
     """Submit a job: classify every image in MANIFEST and write predictions to OUTPUT."""
 
     given = {
-        "model": model, "output": output, "top_k": top_k, "batch_size": batch_size,
+        "model": model, "output": output, "top_k": top_k, "outputs": outputs,
+        "batch_size": batch_size,
         "replicas": replicas, "gpus_per_replica": gpus_per_replica,
         "cpus_per_replica": cpus_per_replica, "decode_cpus": decode_cpus,
         "replica_resources": parse_resources(replica_resources) if replica_resources else None,

@@ -110,7 +110,8 @@ class Client:
 
         ``source`` is a ``JobSpec``, or what ``build_spec`` takes (a manifest, a folder or
         s3:// prefix, or a job spec file) with ``options`` (``model=``, ``output=``,
-        ``top_k=``, ``replicas="1:4"``, ... as ``batchinf submit`` names them) and ``date``.
+        ``top_k=``, ``replicas="1:4"``, ``outputs=["embedding"]``, ... as ``batchinf submit``
+        names them) and ``date``.
         ``run_here``: True runs the job in this process whatever else serves the store, False
         leaves it to a dispatcher; None decides as the module docstring says.
         """
@@ -141,6 +142,8 @@ class Client:
             if not values.get(option):
                 raise UsageError(f"missing --{option}: give it on the command line or in the job spec")
         low, high = parse_replicas(values.pop("replicas", 1))
+        if "outputs" in values:
+            values["outputs"] = parse_outputs(values["outputs"])
         if values.get("incremental") and not values.get("name") and values.get("idempotency_key"):
             values["name"] = key_name(str(values["idempotency_key"]))
         for option in ("manifest", "model", "output"):
@@ -161,8 +164,8 @@ class Client:
         from batchinf.model import resolve_model
         from batchinf.signature import inspect
 
-        check(spec.manifest, spec.include)
-        inspect(resolve_model(spec.model, spec.model_version))
+        spec.check_columns(check(spec.manifest, spec.include))
+        inspect(resolve_model(spec.model, spec.model_version), spec.outputs, ranks=spec.top_k > 0)
         if self.address is None:
             storage.check_writable(spec.output, "_batchinf-write-check-submit")
 
@@ -437,6 +440,15 @@ def parse_replicas(value: int | str | tuple[int, int]) -> tuple[int, int]:
     return lo, hi
 
 
+def parse_outputs(value: str | list[str] | tuple[str, ...]) -> list[str]:
+    """``"a,b"``, ``["a", "b"]`` or ``("a", "b")`` -> ``["a", "b"]``: the outputs to write."""
+    if isinstance(value, str):
+        return [name.strip() for name in value.split(",") if name.strip()]
+    if isinstance(value, list | tuple) and all(isinstance(name, str) for name in value):
+        return [name.strip() for name in value]
+    raise UsageError(f"--outputs takes output names, NAME[,NAME], got {value!r}")
+
+
 def key_name(idempotency_key: str) -> str:
     """The name an idempotency key gives its nights: the key less a trailing ``-YYYY-MM-DD``
     (``nightly-2026-11-21`` -> ``nightly``)."""
@@ -450,4 +462,5 @@ def absolute_uri(uri: str) -> str:
     return os.path.abspath(uri[len("file://") :] if uri.startswith("file://") else uri)
 
 
-__all__ = ["Client", "Submitted", "absolute_uri", "key_name", "parse_replicas", "waiting_line"]
+__all__ = ["Client", "Submitted", "absolute_uri", "key_name", "parse_outputs", "parse_replicas",
+           "waiting_line"]

@@ -87,11 +87,25 @@ class JobSpec:
     max_drift_psi: float | None = None  # a PSI over this against the previous night: an alert
     include: list[str] | None = None  # a listing's key globs; None: image extensions (listing.py)
     incremental: bool = False  # score only rows earlier nights of ``name`` did not (ledger.py)
+    outputs: list[str] = field(default_factory=list)  # signature outputs written as columns
+
+    @property
+    def output_columns(self) -> dict[str, str]:
+        """Each ``outputs`` name -> the Parquet column that holds it (``output_<name>``)."""
+        return {name: output_column(name) for name in self.outputs}
 
     def validate(self) -> None:
         """Reject a spec no run could honour; the message names the option."""
-        if self.top_k < 1:
-            raise UsageError(f"--top-k must be at least 1, got {self.top_k}")
+        if self.top_k < 0:
+            raise UsageError(f"--top-k must be 0 (no predictions) or more, got {self.top_k}")
+        if not (isinstance(self.outputs, list) and all(
+                isinstance(o, str) and o and "," not in o for o in self.outputs)):
+            raise UsageError(f"--outputs takes output names, NAME[,NAME], got {self.outputs!r}")
+        if len(set(self.outputs)) != len(self.outputs):
+            raise UsageError(f"--outputs names an output twice: {','.join(self.outputs)}")
+        if self.top_k == 0 and not self.outputs:
+            raise UsageError("--top-k 0 writes no predictions: name the outputs to write instead "
+                             "with --outputs NAME[,NAME]")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be at least 1, got {self.batch_size}")
         if not 1 <= self.replicas_min <= self.replicas_max:
@@ -130,6 +144,13 @@ class JobSpec:
                              "spec: submit a spec (jobs/*.yaml), whose name finds that night")
         if self.model_version is not None and self.model_version < 0:
             raise UsageError(f"--model-version must be a version number, got {self.model_version}")
+
+    def check_columns(self, columns: tuple[str, ...]) -> None:
+        """``UsageError`` if a manifest column has the name of a column ``outputs`` writes."""
+        clashing = [c for c in self.output_columns.values() if c in columns]
+        if clashing:
+            raise UsageError(f"--outputs would write column(s) {', '.join(clashing)}, which the "
+                             f"manifest has already")
 
     def to_dict(self) -> dict[str, Any]:
         """The spec as a JSON-able dict."""
@@ -202,6 +223,12 @@ class Job:
             return cls(**values)
         except (KeyError, TypeError, ValueError) as exc:
             raise JobError(f"unreadable job record {data.get('job_id')!r}: {exc}") from exc
+
+
+def output_column(name: str) -> str:
+    """The Parquet column of the signature output ``name``: ``output_<name>``, a prefix that no
+    column batchinf writes has, so only a manifest column of that very name can collide."""
+    return f"output_{name}"
 
 
 _ID_TIME_FORMAT = "%Y%m%d-%H%M%S"
@@ -335,6 +362,7 @@ __all__ = [
     "launch_backoff",
     "local_run_id",
     "new_job_id",
+    "output_column",
     "ran_here",
     "refuse_launch",
     "retry_delay",

@@ -6,7 +6,8 @@ A spec names what ``batchinf submit`` would otherwise take as options::
     manifest: s3://data/manifests/{date}.csv   # or .jsonl, .parquet, a folder, s3://b/{date}/
     model: s3://models/resnet
     output: s3://data/predictions/{date}/
-    top_k: 5
+    top_k: 5                            # 0: no predictions, only the outputs below
+    outputs: [embedding]                # optional: signature outputs written as output_<name>
     replicas: "1:4"                     # N or MIN:MAX
     gpus_per_replica: 0.5
     replica_resources: {gpu_node: 1}
@@ -33,7 +34,7 @@ SPEC_SUFFIXES = (".yaml", ".yml")
 KEYS = {
     "name", "manifest", "model", "output", "top_k", "batch_size", "replicas", "gpus_per_replica",
     "cpus_per_replica", "decode_cpus", "replica_resources", "model_version", "shard_size",
-    "max_error_rate", "priority", "idempotency_key", "include", "drift", "incremental",
+    "max_error_rate", "priority", "idempotency_key", "include", "drift", "incremental", "outputs",
 }
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 

@@ -38,7 +38,7 @@ from batchinf.errors import (
     PreconditionFailed,
     UsageError,
 )
-from batchinf.job import JobSpec
+from batchinf.job import JobSpec, output_column
 from batchinf.ledger import Ledger, Scored, shard_contents
 from batchinf.manifest import Shard
 from batchinf.model import ModelSource, resolve_model
@@ -121,10 +121,12 @@ class JobRunner:
 
         spec = self.spec
         source = resolve_model(spec.model, spec.model_version)
-        info = inspect(source)  # a model batchinf cannot feed, or wrong labels: no replica yet
+        # a model batchinf cannot feed, or wrong labels, or --outputs it lacks: no replica yet
+        info = inspect(source, spec.outputs, ranks=spec.top_k > 0)
         self._rows = manifest.open_manifest(spec.manifest, spec.include, output=spec.output,
                                             job_id=self.job_id)
         columns = self._rows.check()
+        spec.check_columns(columns)
         progress = Progress(rows_total=self._rows.count())  # None: a listing, known at its end
         storage.check_writable(spec.output, f"_batchinf-write-check-{self.job_id}")  # no work yet
         if self._ledger is not None:
@@ -134,13 +136,14 @@ class JobRunner:
             raise UsageError(f"output {spec.output} holds a finished result already")
         sink.check_output_owner(spec.output, self.job_id, committed)
         self._count_committed(committed, progress)
-        self._run_info = sink.RunInfo(self.job_id, source.name, source.version, source.labels)
+        self._run_info = sink.RunInfo(self.job_id, source.name, source.version, source.labels,
+                                      info.ranks, info.outputs)
         self._budget: int | None = None
         self._progress = progress
         self._known(progress.rows_total)
         self._on_progress(progress)  # rows_total is known before anything is placed (or None)
         if progress.rows_total == 0:  # a header-only manifest: no replica, an empty output
-            sink.write_empty_part(spec.output, columns, self.job_id, self._rows.types)
+            sink.write_empty_part(spec.output, columns, self.job_id, self._rows.types, info.outputs)
             summary = self._summary(source, columns, progress, None)
             self._report(summary)
             sink.write_success(spec.output, summary)
@@ -480,6 +483,8 @@ class JobRunner:
             "images_per_s": round(progress.images_per_s, 2),
             "parts_written_this_run": self._parts,
             "top_k": self.spec.top_k,
+            "outputs": [{"name": name, "column": output_column(name), "size": size}
+                        for name, size in self._run_info.outputs.items()],
             "batch_size": self.spec.batch_size,
             "shard_size": self.spec.shard_size,
             "resources": plan.to_dict() if plan else None,

@@ -197,7 +197,7 @@ class PredictorPool:
                 max_task_retries=0,  # a lost call is resent by the driver, to a live replica
                 scheduling_strategy=strategy,
             ).remote(self._source, self._spec.top_k, self.plan.tf_threads, True,
-                     self.plan.model_streams)
+                     self.plan.model_streams, tuple(self._spec.outputs))
             self._actors.append(actor)
             self._names[actor] = str(number)
             self._starting[actor.ready.remote()] = actor

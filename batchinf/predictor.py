@@ -4,6 +4,9 @@ It runs inside each Ray actor replica. The serving signature is read, not assume
 an image tensor input ``[N, H, W, 3]`` gets resized pixels scaled into the declared range
 (``model.json`` ``input_range``; default ``[0, 255]`` for uint8 inputs, ``[0, 1]`` for float);
 a ``tf.string`` input gets the encoded file bytes, as TF Serving's Inception export expects.
+The model call returns only the outputs the job uses: the ``[N, classes]`` one it ranks (none
+with top-k 0) and those it writes as columns (``--outputs``), each cast to float32 in the graph,
+so that reading them into numpy copies nothing more.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,13 +31,15 @@ from batchinf.signature import ModelInfo, Signature, Tensor, model_info
 
 @dataclass
 class PredictedBatch:
-    """Top-k class ids and scores for the rows that made it through, errors for the rest."""
+    """Top-k class ids and scores (and the outputs the job writes) for the rows that made it
+    through, errors for the rest."""
 
     size: int
     positions: list[int]
-    class_ids: np.ndarray  # int32 [len(positions), k], best first
+    class_ids: np.ndarray  # int32 [len(positions), k], best first; k is 0 with top-k 0
     scores: np.ndarray  # float32 [len(positions), k]
     errors: RowErrors = field(default_factory=dict)
+    outputs: dict[str, np.ndarray] = field(default_factory=dict)  # name -> float32 [len(positions), D]
 
 
 class Predictor:
@@ -41,10 +47,12 @@ class Predictor:
 
     def __init__(
         self, source: ModelSource, top_k: int, threads: int | None = None, warm_up: bool = False,
-        streams: int = 1,
+        streams: int = 1, outputs: Sequence[str] = (),
     ) -> None:
-        """``threads``: TensorFlow's threads in all. ``streams``: how many parts each batch is
-        split into, run at once on their share of the threads (``planner.model_streams``)."""
+        """``top_k``: classes ranked per row (0: none, the model may have no class output).
+        ``threads``: TensorFlow's threads in all. ``streams``: how many parts each batch is
+        split into, run at once on their share of the threads (``planner.model_streams``).
+        ``outputs``: signature outputs returned beside the ranking (``--outputs``)."""
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         import tensorflow as tf
 
@@ -64,7 +72,10 @@ class Predictor:
         if "serving_default" not in signatures:
             raise ModelError(f"{source.saved_model_uri} has no 'serving_default' signature")
         self._fn = signatures["serving_default"]
-        self.info = model_info(_signature_of(self._fn), source)
+        self.info = model_info(_signature_of(self._fn), source, outputs, ranks=top_k > 0)
+        # what each model call returns: the ranked output, then those written as columns
+        self._sizes = ({self.info.output_name: self.info.num_classes} if self.info.ranks else {}
+                       ) | self.info.outputs
         low, high = source.input_range or _default_range(self._input_dtype)
         self._call = self._compile((high - low) / 255.0, low)
         if warm_up:
@@ -82,7 +93,7 @@ class Predictor:
         Decoded pixels arrive as uint8 (a quarter of float32's bytes through the object store);
         the cast and scale run as graph ops on TensorFlow's threads, not as numpy copies.
         """
-        tf, fn, info = self._tf, self._fn, self.info
+        tf, fn, info, wanted = self._tf, self._fn, self.info, tuple(self._sizes)
         dtype = self._input_dtype
         if info.input.kind == "bytes":
             signature = tf.TensorSpec([None], tf.string)
@@ -95,7 +106,8 @@ class Predictor:
                 inputs = tf.cast(inputs, dtype) * tf.constant(scale, dtype) + tf.constant(offset, dtype)
             elif info.input.kind == "image" and dtype != tf.uint8:
                 inputs = tf.cast(inputs, dtype)  # an integer input takes pixels as they are
-            return fn(**{info.input_name: inputs})[info.output_name]
+            found = fn(**{info.input_name: inputs})
+            return {name: tf.cast(found[name], tf.float32) for name in wanted}  # no-op if float32
 
         return call
 
@@ -160,27 +172,40 @@ class Predictor:
         positions = list(batch.positions)
         started = time.perf_counter()
         try:
-            scores = self._run_streams(inputs)
+            found = self._run_streams(inputs)
         except Exception:
             # One input broke the whole call: retry row by row so only that row fails.
-            scores, positions = self._run_singly(inputs, positions, errors)
+            found, positions = self._run_singly(inputs, positions, errors)
         self.busy_s += time.perf_counter() - started
-        assert scores.shape[0] == len(positions), "the model must give one output per input"
-        class_ids, top = _top_k(scores, top_k or self._top_k)
-        return PredictedBatch(batch.size, positions, class_ids, top, errors)
+        assert all(len(a) == len(positions) for a in found.values()), \
+            "the model must give one output per input"
+        k = top_k or self._top_k
+        if self.info.ranks and k:
+            class_ids, top = _top_k(found[self.info.output_name], k)
+        else:  # top-k 0: no class ranked
+            class_ids = np.zeros((len(positions), 0), np.int32)
+            top = np.zeros((len(positions), 0), np.float32)
+        outputs = {name: found[name] for name in self.info.outputs}
+        return PredictedBatch(batch.size, positions, class_ids, top, errors, outputs)
 
     def _inputs(self, batch: DecodedBatch) -> Any:
         if self.info.input.kind == "bytes":
             return list(batch.encoded or [])
         return batch.pixels if batch.pixels is not None else np.zeros((0, 1, 1, 3), np.uint8)
 
-    def _run(self, inputs: Any) -> np.ndarray:
-        if len(inputs) == 0:
-            return np.zeros((0, self.info.num_classes), np.float32)
-        dtype = self._tf.string if self.info.input.kind == "bytes" else self._tf.uint8
-        return np.asarray(self._call(self._tf.constant(inputs, dtype=dtype)), dtype=np.float32)
+    def _none(self) -> dict[str, np.ndarray]:
+        """What a call on no rows returns."""
+        return {name: np.zeros((0, size), np.float32) for name, size in self._sizes.items()}
 
-    def _run_streams(self, inputs: Any) -> np.ndarray:
+    def _run(self, inputs: Any) -> dict[str, np.ndarray]:
+        """The outputs the job uses (``_sizes``), float32 ``[rows, size]`` each."""
+        if len(inputs) == 0:
+            return self._none()
+        dtype = self._tf.string if self.info.input.kind == "bytes" else self._tf.uint8
+        found = self._call(self._tf.constant(inputs, dtype=dtype))
+        return {name: np.asarray(tensor) for name, tensor in found.items()}  # float32: no copy
+
+    def _run_streams(self, inputs: Any) -> dict[str, np.ndarray]:
         """The batch split into one part per model stream, the parts run at once, the scores
         put back in row order. Each part runs on its own thread from the first layer to the
         last, so a thread that loses its core for a moment delays its own part only; one call
@@ -189,22 +214,24 @@ class Predictor:
             return self._run(inputs)
         size = -(-len(inputs) // self._stream_count)
         parts = [inputs[start : start + size] for start in range(0, len(inputs), size)]
-        return np.concatenate(list(self._streams.map(self._run, parts)))
+        done = list(self._streams.map(self._run, parts))
+        return {name: np.concatenate([part[name] for part in done]) for name in self._sizes}
 
     def _run_singly(
         self, inputs: Any, positions: list[int], errors: RowErrors
-    ) -> tuple[np.ndarray, list[int]]:
-        kept_scores, kept_positions = [], []
+    ) -> tuple[dict[str, np.ndarray], list[int]]:
+        kept: list[dict[str, np.ndarray]] = []
+        kept_positions = []
         for item, position in zip(inputs, positions, strict=True):
             try:
                 single = [item] if isinstance(inputs, list) else item[None]
-                kept_scores.append(self._run(single)[0])
+                kept.append(self._run(single))
                 kept_positions.append(position)
             except Exception as exc:
                 fail_row(errors, position, "predict_error", f"{type(exc).__name__}: {exc}")
-        if not kept_scores:
-            return np.zeros((0, self.info.num_classes), np.float32), []
-        return np.stack(kept_scores), kept_positions
+        if not kept:
+            return self._none(), []
+        return {name: np.concatenate([row[name] for row in kept]) for name in self._sizes}, kept_positions
 
 
 def _load(tf: Any, uri: str) -> Any:

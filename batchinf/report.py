@@ -11,7 +11,9 @@ writer died between the two writes, or the output predates sidecars) is counted 
 The figures go into ``_summary.json`` (beside the keys it always had) and into ``_report.html``
 (``batchinf.reportpage``), both written before ``_SUCCESS``. Scores are counted in fixed bins
 (20 of 0.05 over [0, 1], plus one below and one above for models that do not give
-probabilities), so two nights' histograms compare bin by bin (``batchinf.drift``).
+probabilities), so two nights' histograms compare bin by bin (``batchinf.drift``). A job run
+with ``--top-k 0`` ranks no class: its rows count as rows and errors, its class and score
+figures stay empty (no classes, an empty histogram, no mean), and ``describe`` says so.
 """
 
 from __future__ import annotations
@@ -198,6 +200,21 @@ def describe(summary: dict[str, Any], top: int = 8) -> str:
     lines = [f"{summary.get('job_id', '?')}: {rows} rows, {summary.get('rows_failed', 0)} failed "
              f"(error rate {summary['error_rate']:.2%}), mean top-1 score "
              f"{_number(summary.get('top1_score_mean'))}"]
+    if summary.get("top_k") == 0:
+        written = ", ".join(o["column"] for o in summary.get("outputs", []))
+        lines.append(f"  no top-k (--top-k 0): the job wrote {written} only")
+    else:
+        lines += _class_lines(summary, top)
+    lines += _error_lines(summary)
+    speed = summary["throughput"]["images_per_s"]
+    if speed:
+        lines.append(f"  images/s over the run: peak {max(speed):.1f}, "
+                     f"windows of {summary['throughput']['window_s']} s")
+    return "\n".join(lines)
+
+
+def _class_lines(summary: dict[str, Any], top: int) -> list[str]:
+    lines: list[str] = []
     classes = by_count(summary["top1_classes"])
     ok = sum(classes.values()) or 1
     lines.append(f"  top-1 classes ({len(classes)}):")
@@ -208,14 +225,15 @@ def describe(summary: dict[str, Any], top: int = 8) -> str:
     histogram = summary["top1_score_histogram"]
     lines.append(f"  top-1 scores  0 {_spark(histogram['counts'])} 1  (bins of {1 / SCORE_BINS:g}; "
                  f"{histogram['below']} rows below 0, {histogram['above']} above 1)")
+    return lines
+
+
+def _error_lines(summary: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     for kind, count in summary.get("errors_by_kind", {}).items():
         examples = ", ".join(summary.get("error_examples", {}).get(kind, []))
         lines.append(f"  errors {kind}: {count}" + (f" (e.g. {examples})" if examples else ""))
-    speed = summary["throughput"]["images_per_s"]
-    if speed:
-        lines.append(f"  images/s over the run: peak {max(speed):.1f}, "
-                     f"windows of {summary['throughput']['window_s']} s")
-    return "\n".join(lines)
+    return lines
 
 
 def _spark(counts: list[int]) -> str:

@@ -1,22 +1,24 @@
 """What a SavedModel's ``serving_default`` takes and gives, and whether batchinf can feed it.
 
 The rules (one image input ``[N, H, W, 3]`` or ``tf.string [N]``; an ``[N, classes]`` float
-output) are checked in one place, ``model_info``, from a ``Signature``. A replica builds that
-``Signature`` from the loaded model; the CLI and the job driver build it by reading
-``saved_model.pb`` directly (``read_saved_model``), a protobuf walked here field by field, so
-that a model batchinf cannot feed, or a ``labels.txt`` of the wrong length, is refused before
-any replica starts, and without importing TensorFlow.
+output to rank, unless the job ranks none; each output named by ``--outputs`` a float
+``[N, D]`` with a fixed ``D``) are checked in one place, ``model_info``, from a ``Signature``.
+A replica builds that ``Signature`` from the loaded model; the CLI and the job driver build
+it by reading ``saved_model.pb`` directly (``read_saved_model``), a protobuf walked here field
+by field, so that a model batchinf cannot feed, or a ``labels.txt`` of the wrong length, or an
+``--outputs`` name it lacks, is refused before any replica starts, and without TensorFlow.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from batchinf import storage
 from batchinf.decode import InputSpec
-from batchinf.errors import ModelError
+from batchinf.errors import ModelError, UsageError
 from batchinf.model import ModelSource
 
 OUTPUT_PREFERENCE = ("probabilities", "scores", "predictions", "probs", "logits", "output_0")
@@ -43,20 +45,35 @@ class Signature:
 class ModelInfo:
     input: InputSpec
     input_name: str
-    output_name: str
-    num_classes: int
+    output_name: str  # the [N, classes] output ranked; "" when the job ranks none (top-k 0)
+    num_classes: int  # 0 when the job ranks none
+    outputs: dict[str, int] = dataclasses.field(default_factory=dict)  # --outputs: name -> D
+
+    @property
+    def ranks(self) -> bool:
+        """Whether the job ranks classes (top-k above 0)."""
+        return bool(self.output_name)
 
 
-def model_info(signature: Signature, source: ModelSource) -> ModelInfo:
-    """How batchinf feeds this signature, or ``ModelError`` saying why it cannot."""
+def model_info(
+    signature: Signature, source: ModelSource, outputs: Sequence[str] = (), *, ranks: bool = True
+) -> ModelInfo:
+    """How batchinf feeds this signature, or ``ModelError`` saying why it cannot.
+
+    ``outputs``: the outputs the job writes as columns (``--outputs``), each checked to be a
+    float ``[N, D]`` with a fixed ``D`` (``UsageError``: the option names something the model
+    does not give). ``ranks``: whether the job ranks classes (top-k above 0); only then must
+    the signature have an ``[N, classes]`` output.
+    """
     where = source.saved_model_uri
     if len(signature.inputs) != 1:
         raise ModelError(f"{where}: the serving signature takes {len(signature.inputs)} inputs; "
                          "batchinf needs one image input")
     input_name, spec = next(iter(signature.inputs.items()))
-    output_name, classes = _pick_output(signature.outputs, where)
+    sizes = {name: _output_size(signature.outputs, name, where) for name in outputs}
+    output_name, classes = _pick_output(signature.outputs, where, outputs) if ranks else ("", 0)
     if spec.dtype == "string":
-        return ModelInfo(InputSpec("bytes"), input_name, output_name, classes)
+        return ModelInfo(InputSpec("bytes"), input_name, output_name, classes, sizes)
     shape = list(spec.shape) if spec.shape is not None else None
     if shape is None or len(shape) != 4 or shape[3] not in (3, None):
         raise ModelError(f"{where}: input {input_name!r} has shape {shape}; expected "
@@ -67,14 +84,36 @@ def model_info(signature: Signature, source: ModelSource) -> ModelInfo:
             raise ModelError(f"{where}: input {input_name!r} has no fixed size; declare "
                              "\"input_size\": [H, W] in model.json")
         height, width = source.input_size
-    return ModelInfo(InputSpec("image", int(height), int(width)), input_name, output_name, classes)
+    return ModelInfo(InputSpec("image", int(height), int(width)), input_name, output_name, classes,
+                     sizes)
 
 
-def _pick_output(outputs: dict[str, Tensor], where: str) -> tuple[str, int]:
+def _output_size(outputs: dict[str, Tensor], name: str, where: str) -> int:
+    """The ``D`` of an ``[N, D]`` float output that ``--outputs`` names."""
+    if name not in outputs:
+        raise UsageError(f"--outputs {name}: the serving signature of {where} has no output "
+                         f"{name!r} (it has: {', '.join(sorted(outputs))})")
+    tensor = outputs[name]
+    shape = list(tensor.shape) if tensor.shape is not None else None
+    if tensor.dtype not in FLOATS or shape is None or len(shape) != 2 or shape[1] is None:
+        raise UsageError(f"--outputs {name}: output {name!r} of {where} is {tensor.dtype} of "
+                         f"shape {shape}; --outputs writes float outputs [N, D] with a fixed D")
+    return int(shape[1])
+
+
+def _pick_output(
+    outputs: dict[str, Tensor], where: str, written: Sequence[str] = ()
+) -> tuple[str, int]:
+    """The ``[N, classes]`` float output to rank. One that ``--outputs`` writes is ranked only
+    if it has a class output's name (``scores``, ...): an ``[N, D]`` embedding is not ranked
+    as if its dimensions were classes."""
     ranked = [n for n, t in outputs.items()
               if t.shape is not None and len(t.shape) == 2 and t.dtype in FLOATS]
+    ranked = [n for n in ranked if n not in written] or [n for n in ranked if n in OUTPUT_PREFERENCE]
     if not ranked:
-        raise ModelError(f"{where}: no [N, classes] float output among {sorted(outputs)}")
+        hint = f" besides --outputs {','.join(written)}; with --top-k 0 a job writes only those" \
+            if written else ""
+        raise ModelError(f"{where}: no [N, classes] float output among {sorted(outputs)}{hint}")
     preferred = [n for n in OUTPUT_PREFERENCE if n in ranked]
     name = preferred[0] if preferred else sorted(ranked)[0]
     shape = outputs[name].shape
@@ -93,11 +132,13 @@ def check_labels(source: ModelSource, num_classes: int) -> None:
         )
 
 
-def inspect(source: ModelSource) -> ModelInfo:
-    """Read ``saved_model.pb`` and check it (and the labels) as a replica would, without TF."""
+def inspect(source: ModelSource, outputs: Sequence[str] = (), *, ranks: bool = True) -> ModelInfo:
+    """Read ``saved_model.pb`` and check it (and the labels) as a replica would, without TF.
+    ``outputs`` and ``ranks``: as ``model_info`` takes them."""
     raw = storage.read_bytes(storage.join(source.saved_model_uri, "saved_model.pb"))
-    info = model_info(read_saved_model(raw, source.saved_model_uri), source)
-    check_labels(source, info.num_classes)
+    info = model_info(read_saved_model(raw, source.saved_model_uri), source, outputs, ranks=ranks)
+    if info.ranks:  # labels name the ranked classes: a job that ranks none shows no label
+        check_labels(source, info.num_classes)
     return info
 
 

@@ -11,14 +11,16 @@ from __future__ import annotations
 import io
 import json
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from batchinf import storage
 from batchinf.errors import UsageError
+from batchinf.job import output_column
 from batchinf.manifest import Shard
 from batchinf.predictor import PredictedBatch, ranked
 
@@ -36,13 +38,24 @@ PREDICTION = pa.struct(
 )
 
 
-def output_schema(columns: Sequence[str], types: Sequence[pa.DataType] | None = None) -> pa.Schema:
-    """Manifest columns (as text, unless the manifest gives Arrow types), then what batchinf adds."""
+def output_schema(
+    columns: Sequence[str], types: Sequence[pa.DataType] | None = None,
+    outputs: Mapping[str, int] | None = None,
+) -> pa.Schema:
+    """Manifest columns (as text, unless the manifest gives Arrow types), then what batchinf adds.
+
+    ``outputs``: each signature output the job writes (``--outputs``) and its ``D``, as a
+    column ``output_<name>`` of fixed-size lists of ``D`` float32, so every part of a job has
+    the same schema. With top-k 0 the prediction columns stay, null on every row: every
+    output of batchinf has them, and readers of them (the ledger, the report) need no case.
+    """
     fields = [pa.field(name, types[i] if types else pa.string()) for i, name in enumerate(columns)]
     fields += [
         pa.field("predictions", pa.list_(PREDICTION)),
         pa.field("top1_label", pa.string()),
         pa.field("top1_score", pa.float32()),
+        *(pa.field(output_column(name), pa.list_(pa.float32(), size))
+          for name, size in (outputs or {}).items()),
         pa.field("error", pa.string()),
         pa.field("error_kind", pa.string()),
         pa.field("model_name", pa.string()),
@@ -60,6 +73,8 @@ class RunInfo:
     model_name: str
     model_version: str | None
     labels: tuple[str, ...] | None
+    ranks: bool = True  # False with top-k 0: the prediction columns are null
+    outputs: dict[str, int] = field(default_factory=dict)  # --outputs: name -> D
 
 
 def part_name(shard_index: int) -> str:
@@ -76,7 +91,8 @@ def build_table(shard: Shard, batches: Sequence[PredictedBatch], run: RunInfo) -
         for position in range(batch.size):
             if position in by_position:
                 i = by_position[position]
-                predictions.append(ranked(batch.class_ids[i], batch.scores[i], run.labels))
+                predictions.append(ranked(batch.class_ids[i], batch.scores[i], run.labels)
+                                   if run.ranks else None)
                 errors.append(None)
                 kinds.append(None)
             else:
@@ -86,20 +102,39 @@ def build_table(shard: Shard, batches: Sequence[PredictedBatch], run: RunInfo) -
                 kinds.append(kind)
     if len(predictions) != len(shard):
         raise AssertionError(f"shard {shard.index}: {len(predictions)} results for {len(shard)} rows")
-    columns = {name: [row[i] for row in shard.rows] for i, name in enumerate(shard.columns)}
+    columns: dict[str, list | pa.Array] = {
+        name: [row[i] for row in shard.rows] for i, name in enumerate(shard.columns)}
     n = len(shard)
     columns |= {
         "predictions": predictions,
         "top1_label": [p[0]["label"] if p else None for p in predictions],
         "top1_score": [p[0]["score"] if p else None for p in predictions],
+        **{output_column(name): _output_array(batches, n, name, size)
+           for name, size in run.outputs.items()},
         "error": errors,
         "error_kind": kinds,
         "model_name": [run.model_name] * n,
         "model_version": [run.model_version] * n,
         "job_id": [run.job_id] * n,
     }
-    schema = output_schema(shard.columns, shard.types).with_metadata({"batchinf.job_id": run.job_id})
+    schema = output_schema(shard.columns, shard.types, run.outputs).with_metadata(
+        {"batchinf.job_id": run.job_id})
     return pa.Table.from_pydict(columns, schema=schema)
+
+
+def _output_array(batches: Sequence[PredictedBatch], rows: int, name: str, size: int) -> pa.Array:
+    """One ``--outputs`` column of a shard: each batch's ``[rows, D]`` block copied once into
+    the shard's matrix, whose buffer Arrow then takes as it is; null where a row failed."""
+    values = np.zeros((rows, size), np.float32)
+    valid = np.zeros(rows, bool)
+    start = 0
+    for batch in batches:
+        at = start + np.asarray(batch.positions, dtype=np.int64)
+        values[at] = batch.outputs[name]
+        valid[at] = True
+        start += batch.size
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), size,
+                                             mask=pa.array(~valid))
 
 
 def write_part(output: str, shard_index: int, table: pa.Table) -> str:
@@ -146,10 +181,11 @@ def count_errors(part_uri: str) -> tuple[int, dict[str, int]]:
 
 
 def write_empty_part(
-    output: str, columns: Sequence[str], job_id: str, types: Sequence[pa.DataType] | None = None
+    output: str, columns: Sequence[str], job_id: str, types: Sequence[pa.DataType] | None = None,
+    outputs: Mapping[str, int] | None = None,
 ) -> str:
     """A zero-row part with the full schema, so a job of no rows leaves a readable output."""
-    schema = output_schema(columns, types).with_metadata({"batchinf.job_id": job_id})
+    schema = output_schema(columns, types, outputs).with_metadata({"batchinf.job_id": job_id})
     return write_part(output, 0, schema.empty_table())
 
 

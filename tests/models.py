@@ -105,6 +105,37 @@ def make_bytes_model(base: str) -> str:
     return base
 
 
+# The embedding model's embedding: the mean colour in [0, 1], then its sum (brightness).
+EMBEDDING = np.array([[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]],
+                     dtype=np.float32)
+
+
+def expected_embedding(rgb: tuple[int, int, int]) -> np.ndarray:
+    return (np.array(rgb, dtype=np.float32) / 255.0) @ EMBEDDING
+
+
+def make_embedding_model(base: str, *, scores: bool = True) -> str:
+    """A Keras model with two outputs, exported as docs/reference.md shows: ``embedding``
+    ``[N, 4]`` (``expected_embedding``) and, with ``scores``, ``make_image_model``'s ``scores``
+    ``[N, 5]``. TF Serving layout, float32 ``image`` [N, 8, 8, 3] in [0, 1]. Without ``scores``
+    it has no class output, and no ``labels.txt``."""
+    import keras
+
+    inputs = keras.Input((SIZE, SIZE, 3), name="image")
+    mean = keras.layers.GlobalAveragePooling2D()(inputs)
+    embedding = keras.layers.Dense(4, use_bias=False, name="embedding")(mean)
+    outputs = {"embedding": embedding}
+    if scores:
+        outputs["scores"] = keras.layers.Dense(len(LABELS), name="scores")(mean)
+    model = keras.Model(inputs, outputs)
+    model.get_layer("embedding").set_weights([EMBEDDING])
+    if scores:
+        model.get_layer("scores").set_weights([WEIGHTS, BIAS])
+    model.export(os.path.join(base, "1"), verbose=False)  # serving_default gives both outputs
+    _write_sidecars(base, scores, {"input_range": [0, 1]})
+    return base
+
+
 def write_solid_image(path: str, rgb: tuple[int, int, int], size: tuple[int, int] = (20, 12)) -> str:
     from PIL import Image
 

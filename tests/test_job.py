@@ -44,7 +44,7 @@ def test_stored_keys_are_pinned_so_old_records_stay_readable() -> None:
     assert sorted(data["spec"]) == [
         "allowed_buckets", "batch_size", "cpus_per_replica", "decode_cpus", "gpus_per_replica",
         "idempotency_key", "include", "incremental", "manifest", "max_drift_psi",
-        "max_error_rate", "model", "model_version", "name", "output", "priority",
+        "max_error_rate", "model", "model_version", "name", "output", "outputs", "priority",
         "replica_resources",
         "replicas_max", "replicas_min", "shard_size", "top_k",
     ]  # fmt: skip
