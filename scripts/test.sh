@@ -54,9 +54,16 @@ run() { "$@" || { local status=$?; [[ $status -eq 5 ]] || return "$status"; }; }
 failed=0
 case "$tier" in
     unit) run unit_tier "$@" || failed=1 ;;
-    "")  # every tier: the unit tier in parallel, then the tiers that start Ray, one at a time
+    "")  # every tier: the unit tier in parallel; then the deploy tier (pip installs and
+        # validators, no Ray) beside the tiers that start Ray, which run one test at a time
+        deploy_log=$(mktemp)
         run unit_tier "$@" || failed=1
-        run .venv/bin/python -m pytest -q -m "not unit" "$@" || failed=1 ;;
+        run .venv/bin/python -m pytest -q -m deploy -p no:cacheprovider "$@" >"$deploy_log" 2>&1 &
+        deploy=$!
+        run .venv/bin/python -m pytest -q -m "ray or cluster" "$@" || failed=1
+        echo "--- the deploy tier, run beside them:"
+        wait "$deploy" && tail -n 1 "$deploy_log" || { failed=1; cat "$deploy_log"; }
+        rm -f "$deploy_log" ;;
     *) run .venv/bin/python -m pytest -q -m "$tier" "$@" || failed=1 ;;
 esac
 exit "$failed"
