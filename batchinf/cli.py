@@ -339,10 +339,9 @@ def prune(
     as_json: JsonOption = False,
 ) -> None:
     """Remove the records of finished jobs older than an age; outputs are never touched."""
-    from batchinf.jobstore import JobStore
 
     seconds = parse_age(older_than)
-    gone = JobStore.from_uri(store).prune(seconds, dry_run=dry_run)
+    gone = _store(store).prune(seconds, dry_run=dry_run)
     ids = [j.job_id for j in gone]
     verb = "would remove" if dry_run else "removed"
     _show({"removed": ids, "dry_run": dry_run}, as_json,
@@ -422,11 +421,10 @@ def report(
     as_json: JsonOption = False,
 ) -> None:
     """Show a job's figures (classes, scores, errors, speed, drift) and write its report page."""
-    from batchinf.jobstore import JobStore
     from batchinf.report import describe
     from batchinf.reportpage import job_report
 
-    summary, page = job_report(JobStore.from_uri(store), job_id, against, html)
+    summary, page = job_report(_store(store), job_id, against, html)
     if as_json:
         typer.echo(json.dumps(summary | {"report": page}, indent=2))
         return
@@ -501,12 +499,11 @@ def dispatcher(
     import logging
 
     from batchinf.dispatcher import Dispatcher
-    from batchinf.jobstore import JobStore
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if max_running < 1:
         raise UsageError("--max-running must be at least 1")
-    job_store = JobStore.from_uri(store)
+    job_store = _store(store)
     Dispatcher(job_store, address or None, max_running=max_running,
                metrics_port=metrics_port, settings=_settings()).serve(poll, idle_exit)
 
@@ -566,12 +563,11 @@ def run(
     """Entrypoint of a job's Ray job: run a claimed job here (the dispatcher calls this)."""
     from batchinf.attempt import run_claimed
     from batchinf.display import ProgressDisplay
-    from batchinf.jobstore import JobStore
     from batchinf.raycluster import ensure_ray
 
     settings = _settings()
     ensure_ray()
-    job_store = JobStore.from_uri(store or settings.store_uri)
+    job_store = _store(store)
     with ProgressDisplay(job_id, settings=settings) as display:
         job = run_claimed(job_store, job_id, run_id, display.update, settings)
     _show_final(job, False, drift_exit=False)
@@ -605,6 +601,13 @@ def _settings() -> Any:
         raise UsageError(str(exc)) from None
     storage.configure(settings)
     return settings
+
+
+def _store(store: str | None) -> Any:
+    """The job store the command names, else the settings' one (read with the settings)."""
+    from batchinf.jobstore import JobStore
+
+    return JobStore.from_uri(store or _settings().store_uri)
 
 
 def _client(store: str | None, address: str | None = None) -> Any:
