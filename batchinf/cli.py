@@ -112,6 +112,13 @@ def submit(
                      "repeatable [default: image extensions].")
     ] = None,
     model_version: Annotated[int | None, typer.Option(help="Model version [default: highest].")] = None,
+    challenger: Annotated[
+        str | None,
+        typer.Option(help="A second model run on the same decoded images; its top-k goes into "
+                     "challenger_* columns and the report compares the two [default: none]."),
+    ] = None,
+    challenger_version: Annotated[
+        int | None, typer.Option(help="The challenger's version [default: highest].")] = None,
     shard_size: Annotated[int | None, typer.Option(help="Rows per committed Parquet part [default: 1024].")] = None,
     max_error_rate: Annotated[
         float | None,
@@ -155,6 +162,7 @@ def submit(
         "allowed_buckets": [b.strip() for b in allowed_buckets.split(",") if b.strip()]
         if allowed_buckets is not None else None,
         "model_version": model_version, "shard_size": shard_size,
+        "challenger": challenger, "challenger_version": challenger_version,
         "max_error_rate": max_error_rate, "priority": priority,
         "idempotency_key": idempotency_key, "max_drift_psi": max_drift_psi,
         "include": include or None, "incremental": incremental,

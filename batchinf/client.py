@@ -146,8 +146,9 @@ class Client:
             values["outputs"] = parse_outputs(values["outputs"])
         if values.get("incremental") and not values.get("name") and values.get("idempotency_key"):
             values["name"] = key_name(str(values["idempotency_key"]))
-        for option in ("manifest", "model", "output"):
-            values[option] = absolute_uri(str(values[option]))
+        for option in ("manifest", "model", "output", "challenger"):
+            if values.get(option):
+                values[option] = absolute_uri(str(values[option]))
         try:
             spec = JobSpec(replicas_min=low, replicas_max=high, **values)
         except TypeError as exc:
@@ -166,6 +167,8 @@ class Client:
 
         spec.check_columns(check(spec.manifest, spec.include))
         inspect(resolve_model(spec.model, spec.model_version), spec.outputs, ranks=spec.top_k > 0)
+        if spec.challenger:  # the challenger is ranked too: it needs its class output and labels
+            inspect(resolve_model(spec.challenger, spec.challenger_version))
         if self.address is None:
             storage.check_writable(spec.output, "_batchinf-write-check-submit")
 

@@ -59,6 +59,9 @@ class DecodedBatch:
     pixels: np.ndarray | None = None  # uint8 [len(positions), H, W, 3] for image models
     encoded: list[bytes] | None = None  # encoded files for tf.string models
     errors: RowErrors = field(default_factory=dict)
+    # the challenger's inputs for the same rows (``--challenger``): pixels at its own size, or
+    # the encoded files; decoded from the same fetch and the same decode as the champion's
+    challenger: DecodedBatch | None = None
 
 
 def fail_row(errors: RowErrors, position: int, kind: str, message: str) -> None:
@@ -107,14 +110,30 @@ def check_size(data: bytes, where: str, max_bytes: int = MAX_IMAGE_BYTES) -> Non
 
 def prepare(data: bytes, spec: InputSpec) -> np.ndarray | bytes:
     """One image as the model takes it: resized pixels, or the checked encoded bytes."""
-    if spec.kind == "bytes":
+    return prepare_for(data, (spec,))[0]
+
+
+def prepare_for(data: bytes, specs: tuple[InputSpec, ...]) -> list[np.ndarray | bytes]:
+    """One image as each of several models takes it, decoded once: the decoded picture is
+    resized to each image size asked for; a model that takes the encoded file gets it as it
+    is, checked by that same decode (or by ``check_image`` when no model takes pixels)."""
+    sizes = [(s.height, s.width) for s in specs if s.kind == "image"]
+    if not sizes:
         check_image(data)
-        return data
-    return decode_image(data, spec.height, spec.width)
+        return [data for _ in specs]
+    pictures = decode_sizes(data, sizes)
+    return [data if s.kind == "bytes" else pictures[(s.height, s.width)] for s in specs]
 
 
 def decode_image(data: bytes, height: int, width: int, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decoded RGB pixels resized to ``(height, width)`` as uint8 ``[H, W, 3]``."""
+    return decode_sizes(data, [(height, width)], max_pixels)[(height, width)]
+
+
+def decode_sizes(
+    data: bytes, sizes: list[tuple[int, int]], max_pixels: int = MAX_IMAGE_PIXELS
+) -> dict[tuple[int, int], np.ndarray]:
+    """The image decoded once, then resized to each ``(height, width)``: uint8 ``[H, W, 3]``."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -128,13 +147,18 @@ def decode_image(data: bytes, height: int, width: int, max_pixels: int = MAX_IMA
             "too_large", f"{image.width}x{image.height} is over the {max_pixels}-pixel limit"
         )
     try:
-        # JPEG can decode straight at a reduced scale: much cheaper for large photos.
-        image.draft("RGB", (width, height))
+        # JPEG can decode straight at a reduced scale: much cheaper for large photos. With
+        # two sizes, the scale is the one the larger needs.
+        image.draft("RGB", (max(w for _, w in sizes), max(h for h, _ in sizes)))
         image = _upright(image)
         image = image.convert("RGB")
-        if image.size != (width, height):
-            image = image.resize((width, height), Image.Resampling.BILINEAR)
-        return np.asarray(image, dtype=np.uint8)
+        resized = {}
+        for height, width in sizes:
+            fitted = image
+            if image.size != (width, height):
+                fitted = image.resize((width, height), Image.Resampling.BILINEAR)
+            resized[(height, width)] = np.asarray(fitted, dtype=np.uint8)
+        return resized
     except Exception as exc:  # truncated or otherwise corrupt data surfaces on load
         raise RowProblem("corrupt_image", f"cannot decode: {exc}") from exc
 
@@ -193,19 +217,23 @@ def decode_batch(
     nice: int = DEFAULTS.decode_nice,
     policy: ReadPolicy | None = None,
     decode_policy: str = DEFAULTS.decode_policy,
+    challenger: InputSpec | None = None,
 ) -> DecodedBatch:
     """Fetch and decode ``uris`` in threads: fetches wait on I/O, Pillow releases the GIL.
 
     The threads run at lower priority (``decode_policy``, ``nice``): where decode shares cores
     with a replica, the model keeps the CPU it needs and decode fills the gaps, still well
     ahead of the model. ``policy``: what the job may read (None: any s3:// or local path).
+    ``challenger``: what a second model takes; each image is still fetched and decoded once,
+    and the batch carries both models' inputs for the same rows.
     """
+    specs = (spec,) if challenger is None else (spec, challenger)
 
-    def one(uri: str) -> np.ndarray | bytes:
-        return prepare(fetch(uri, policy=policy), spec)
+    def one(uri: str) -> list[np.ndarray | bytes]:
+        return prepare_for(fetch(uri, policy=policy), specs)
 
     batch = DecodedBatch(size=len(uris), positions=[])
-    results: list[np.ndarray | bytes] = []
+    results: list[list[np.ndarray | bytes]] = []
     workers = max(1, min(threads, len(uris)))
     with ThreadPoolExecutor(workers, initializer=_lower_priority,
                             initargs=(nice, decode_policy)) as pool:
@@ -218,10 +246,18 @@ def decode_batch(
                 fail_row(batch.errors, position, problem.kind, str(problem))
             except Exception as exc:  # never let one row take the batch down
                 fail_row(batch.errors, position, "fetch_error", f"{type(exc).__name__}: {exc}")
+    _fill(batch, spec, [r[0] for r in results])
+    if challenger is not None:
+        batch.challenger = DecodedBatch(batch.size, batch.positions, errors=batch.errors)
+        _fill(batch.challenger, challenger, [r[1] for r in results])
+    return batch
+
+
+def _fill(batch: DecodedBatch, spec: InputSpec, inputs: list[np.ndarray | bytes]) -> None:
+    """Put one model's inputs into the batch: encoded files, or pixels stacked in one array."""
     if spec.kind == "bytes":
-        batch.encoded = [r for r in results if isinstance(r, bytes)]
-    elif results:
-        batch.pixels = np.stack([r for r in results if isinstance(r, np.ndarray)])
+        batch.encoded = [r for r in inputs if isinstance(r, bytes)]
+    elif inputs:
+        batch.pixels = np.stack([r for r in inputs if isinstance(r, np.ndarray)])
     else:
         batch.pixels = np.zeros((0, spec.height, spec.width, 3), dtype=np.uint8)
-    return batch

@@ -62,6 +62,11 @@ def check_transition(old: JobState, new: JobState) -> None:
         raise IllegalTransition(f"a {old.value} job cannot become {new.value}")
 
 
+# What a challenger adds to each output row (``--challenger``; sink.py writes them).
+CHALLENGER_COLUMNS = ("challenger_predictions", "challenger_top1_label", "challenger_top1_score",
+                      "challenger_model_name", "challenger_model_version")
+
+
 @dataclass
 class JobSpec:
     """What the user asked for; fixed once the job is created."""
@@ -88,6 +93,8 @@ class JobSpec:
     include: list[str] | None = None  # a listing's key globs; None: image extensions (listing.py)
     incremental: bool = False  # score only rows earlier nights of ``name`` did not (ledger.py)
     outputs: list[str] = field(default_factory=list)  # signature outputs written as columns
+    challenger: str | None = None  # a second model run on the same decoded images (--challenger)
+    challenger_version: int | None = None
 
     @property
     def output_columns(self) -> dict[str, str]:
@@ -144,12 +151,36 @@ class JobSpec:
                              "spec: submit a spec (jobs/*.yaml), whose name finds that night")
         if self.model_version is not None and self.model_version < 0:
             raise UsageError(f"--model-version must be a version number, got {self.model_version}")
+        self._validate_challenger()
+
+    def _validate_challenger(self) -> None:
+        if self.challenger_version is not None and not self.challenger:
+            raise UsageError("--challenger-version needs --challenger MODEL")
+        if self.challenger is None:
+            return
+        if not isinstance(self.challenger, str) or not self.challenger.strip():
+            raise UsageError(f"--challenger takes a model folder or s3:// base, got {self.challenger!r}")
+        if self.challenger_version is not None and self.challenger_version < 0:
+            raise UsageError(
+                f"--challenger-version must be a version number, got {self.challenger_version}")
+        if self.top_k == 0:
+            raise UsageError("--challenger compares the two models' top-1 classes: it needs "
+                             "--top-k 1 or more")
+        if (self.challenger.rstrip("/"), self.challenger_version) == (
+                self.model.rstrip("/"), self.model_version) and self.model_version is not None:
+            raise UsageError("--challenger names the champion itself: give another model or "
+                             "--challenger-version")
 
     def check_columns(self, columns: tuple[str, ...]) -> None:
-        """``UsageError`` if a manifest column has the name of a column ``outputs`` writes."""
+        """``UsageError`` if a manifest column has the name of a column ``outputs`` or the
+        challenger writes."""
         clashing = [c for c in self.output_columns.values() if c in columns]
         if clashing:
             raise UsageError(f"--outputs would write column(s) {', '.join(clashing)}, which the "
+                             f"manifest has already")
+        taken = [c for c in CHALLENGER_COLUMNS if self.challenger and c in columns]
+        if taken:
+            raise UsageError(f"--challenger would write column(s) {', '.join(taken)}, which the "
                              f"manifest has already")
 
     def to_dict(self) -> dict[str, Any]:

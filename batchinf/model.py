@@ -58,6 +58,26 @@ def resolve_model(uri: str, version: int | None = None) -> ModelSource:
     )
 
 
+# What a replica holds, reserved as Ray's ``memory`` resource so that placement counts it: the
+# process with TensorFlow imported (its resident size, measured: docs/performance.md), then
+# each model it loads at about twice its SavedModel's bytes (the weights, the restored graph).
+REPLICA_RUNTIME_BYTES = 700 * 2**20
+MODEL_BYTES_FACTOR = 2.0
+
+
+def saved_model_bytes(source: ModelSource) -> int:
+    """The bytes of a SavedModel's files (``saved_model.pb``, variables, assets)."""
+    try:
+        return sum(item.size for page in storage.list_pages(source.saved_model_uri) for item in page)
+    except StorageError as exc:
+        raise ModelError(f"cannot read model {source.saved_model_uri}: {exc}") from exc
+
+
+def replica_memory(sources: list[ModelSource]) -> float:
+    """The memory one replica holding ``sources`` (the champion, and a challenger) reserves."""
+    return REPLICA_RUNTIME_BYTES + MODEL_BYTES_FACTOR * sum(saved_model_bytes(s) for s in sources)
+
+
 def _pick_version(base: str, version: int | None) -> str:
     versions = sorted(int(n) for n in storage.list_folders(base) if n.isdigit())
     if not versions:

@@ -41,7 +41,7 @@ from batchinf.errors import (
 from batchinf.job import JobSpec, output_column
 from batchinf.ledger import Ledger, Scored, shard_contents
 from batchinf.manifest import Shard
-from batchinf.model import ModelSource, resolve_model
+from batchinf.model import ModelSource, replica_memory, resolve_model
 from batchinf.planner import Plan
 from batchinf.pool import PredictorPool
 from batchinf.predictor import PredictedBatch
@@ -115,6 +115,8 @@ class JobRunner:
         self._ledger = ledger
         self._scored: Scored | None = None  # an incremental night: what earlier nights scored
         self._skipped = 0
+        self._model_seconds = {"champion": 0.0, "challenger": 0.0}  # inside each model
+        self._model_rows = {"champion": 0, "challenger": 0}  # rows each model scored
 
     def run(self) -> JobResult:
         import ray
@@ -123,6 +125,9 @@ class JobRunner:
         source = resolve_model(spec.model, spec.model_version)
         # a model batchinf cannot feed, or wrong labels, or --outputs it lacks: no replica yet
         info = inspect(source, spec.outputs, ranks=spec.top_k > 0)
+        challenger = (resolve_model(spec.challenger, spec.challenger_version)
+                      if spec.challenger else None)
+        second = inspect(challenger) if challenger else None
         self._rows = manifest.open_manifest(spec.manifest, spec.include, output=spec.output,
                                             job_id=self.job_id)
         columns = self._rows.check()
@@ -136,21 +141,26 @@ class JobRunner:
             raise UsageError(f"output {spec.output} holds a finished result already")
         sink.check_output_owner(spec.output, self.job_id, committed)
         self._count_committed(committed, progress)
-        self._run_info = sink.RunInfo(self.job_id, source.name, source.version, source.labels,
-                                      info.ranks, info.outputs)
+        self._run_info = sink.RunInfo(
+            self.job_id, source.name, source.version, source.labels, info.ranks, info.outputs,
+            sink.Challenger(challenger.name, challenger.version, challenger.labels)
+            if challenger else None)
+        self._challenger = challenger
         self._budget: int | None = None
         self._progress = progress
         self._known(progress.rows_total)
         self._on_progress(progress)  # rows_total is known before anything is placed (or None)
         if progress.rows_total == 0:  # a header-only manifest: no replica, an empty output
-            sink.write_empty_part(spec.output, columns, self.job_id, self._rows.types, info.outputs)
+            sink.write_empty_part(spec.output, columns, self.job_id, self._rows.types, info.outputs,
+                                  challenger is not None)
             summary = self._summary(source, columns, progress, None)
             self._report(summary)
             sink.write_success(spec.output, summary)
             return JobResult(summary)
         pool = PredictorPool(
             source, spec, self.job_id, on_wait=self._waiting, should_stop=self._should_stop,
-            settings=self.settings,
+            settings=self.settings, challenger=challenger,
+            memory=replica_memory([source] + ([challenger] if challenger else [])),
         )
         try:
             reserved = pool.reserve()
@@ -167,7 +177,7 @@ class JobRunner:
                 """A decode task in the pool's reservation of now (a replaced one's is gone)."""
                 return task.options(**pool.decode_options()).remote(
                     uris, info.input, reserved.fetch_threads, reserved.decode_nice, policy,
-                    decode_policy)
+                    decode_policy, second.input if second else None)
 
             self._decode = decode
             self._prefetch = _prefetch_batches(info.input, spec.batch_size, reserved.max_in_flight,
@@ -391,6 +401,11 @@ class JobRunner:
             self._errors_by_kind[kind] = self._errors_by_kind.get(kind, 0) + 1
         progress.rows_done += batch.size
         progress.rows_this_run += batch.size
+        self._model_seconds["champion"] += batch.seconds
+        self._model_rows["champion"] += len(batch.positions)
+        if batch.challenger is not None:
+            self._model_seconds["challenger"] += batch.challenger.seconds
+            self._model_rows["challenger"] += len(batch.challenger.positions)
         progress.rows_failed += len(batch.errors)
         self._on_progress(progress)
         self._check_budget(progress)
@@ -491,7 +506,26 @@ class JobRunner:
             "batches_redone": self._redone,
             "batches_decoded_before_model": self._prefetched,
             "finished_at": time.time(),
-        } | report.figures(self._stats)
+        } | self._challenger_summary(source) | report.figures(self._stats)
+
+    def _challenger_summary(self, source: ModelSource) -> dict[str, Any]:
+        """For a job with a challenger: the challenger's model, and each model's speed as the
+        rows it scored per second spent inside it (this run's, over all replicas)."""
+        if self._challenger is None:
+            return {}
+        models = {"champion": source, "challenger": self._challenger}
+        return {
+            "challenger_model": {"uri": self.spec.challenger, "name": self._challenger.name,
+                                 "version": self._challenger.version,
+                                 "saved_model": self._challenger.saved_model_uri},
+            "model_throughput": {
+                role: {"name": model.name, "version": model.version,
+                       "model_seconds": round(self._model_seconds[role], 3),
+                       "images_per_model_second": round(
+                           self._model_rows[role] / self._model_seconds[role], 2)
+                       if self._model_seconds[role] > 0 else None}
+                for role, model in models.items()},
+        }
 
     def _incremental_summary(self) -> dict[str, Any] | None:
         if self._scored is None or self._ledger is None:

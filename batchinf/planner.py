@@ -78,6 +78,7 @@ class Plan:
     waiting: str | None = None  # why not every replica fits now
     placement: dict[str, list[str]] = field(default_factory=dict)  # node -> ["replica", "decode"]
     model_streams: int = 1  # parts each batch is split into, run at once (``model_streams``)
+    replica_memory: float = 0.0  # bytes of Ray's memory resource one replica reserves (0: none)
 
     @property
     def max_in_flight(self) -> int:
@@ -92,9 +93,14 @@ class Plan:
     def replica_gpus(self) -> float:
         return self.replica.get("GPU", 0.0)
 
+    @property
+    def reserved(self) -> dict[str, float]:
+        """What one replica reserves, its memory included."""
+        return self.replica | ({"memory": self.replica_memory} if self.replica_memory else {})
+
     def bundles(self) -> list[dict[str, float]]:
         """The reservation: one bundle per replica that fits now, one per decode task."""
-        replica = {k: v for k, v in self.replica.items() if v > 0}
+        replica = {k: v for k, v in self.reserved.items() if v > 0}
         return [dict(replica) for _ in range(self.replicas_now)] + [
             {"CPU": self.decode_cpus} for _ in range(self.decode_tasks)
         ]
@@ -135,9 +141,12 @@ def plan(
     spec: JobSpec,
     node_types: Sequence[dict[str, float]] = (),
     settings: Settings = DEFAULTS,
+    memory: float = 0.0,
 ) -> Plan:
-    """Plan ``spec`` on ``nodes`` (live) given what is free now; see the module docstring."""
-    needs = special_needs(spec)
+    """Plan ``spec`` on ``nodes`` (live) given what is free now; see the module docstring.
+    ``memory``: the bytes one replica holds (``model.replica_memory``), reserved as Ray's
+    ``memory`` resource on its node."""
+    needs = special_needs(spec) | ({"memory": memory} if memory > 0 else {})
     wanted_decode = _wanted_decode(spec)
     _check_feasible(nodes, needs, node_types)
     for count in (spec.replicas_max, spec.replicas_min):  # all of them, else at least MIN
@@ -195,7 +204,8 @@ def replan(
                 return _finish(found, spec, count, settings)
     if not resize:
         return None
-    return plan(nodes, dataclasses.replace(spec, replicas_min=1), node_types, settings)
+    return plan(nodes, dataclasses.replace(spec, replicas_min=1), node_types, settings,
+                replica.get("memory", 0.0))
 
 
 def _wanted_decode(spec: JobSpec) -> float:
@@ -217,18 +227,20 @@ class _Fit:
 
 def _finish(found: _Fit, spec: JobSpec, count: int, settings: Settings) -> Plan:
     cpus = found.replica.get("CPU", 0.0)
+    replica = {k: v for k, v in found.replica.items() if k != "memory"}
     waiting = None
     if 0 < count < spec.replicas_max:
         waiting = (
             f"waiting for {spec.replicas_max - count} of {spec.replicas_max} replicas: "
-            f"needs {describe(found.replica)}"
+            f"needs {describe(replica)}"
         )
     tf_threads = settings.tf_threads
     if tf_threads is None:  # one thread per reserved CPU (half a CPU still gets one)
         tf_threads = max(1, math.ceil(cpus - _EPS))
     gpu = found.replica.get("GPU", 0.0) > 0
     return Plan(
-        replica=found.replica,
+        replica=replica,
+        replica_memory=found.replica.get("memory", 0.0),
         decode_cpus=found.decode_cpus,
         decode_tasks=found.decode_tasks,
         replicas_now=count,
@@ -322,7 +334,7 @@ def _pack(
         best = max(fitting, key=lambda n: room[n.node_id].get("CPU", 0.0))
         _take(room[best.node_id], replica)
         placement[best.node_id].append("replica")
-    special = {k for k in replica if k != "CPU"}
+    special = {k for k in replica if k not in ("CPU", "memory")}  # GPUs, custom: a node type
     plain = [n for n in nodes if not any(n.total.get(k, 0) > 0 for k in special)]
     ordered = plain + [n for n in nodes if n not in plain]
     left = max((room[n.node_id].get("CPU", 0.0) for n in nodes), default=0.0)
@@ -360,15 +372,21 @@ def _offered(nodes: Sequence[NodeView], node_types: Sequence[dict[str, float]]) 
 
 
 def _has(room: dict[str, float], demand: dict[str, float]) -> bool:
-    return all(room.get(k, 0.0) >= v - _EPS for k, v in demand.items() if v > 0)
+    """Whether ``room`` holds ``demand``; memory only where the node says how much it has
+    (Ray's nodes always do; a node type in an autoscaler config often does not)."""
+    return all(room.get(k, 0.0) >= v - _EPS for k, v in demand.items()
+               if v > 0 and (k != "memory" or k in room))
 
 
 def _take(room: dict[str, float], demand: dict[str, float]) -> None:
     for key, value in demand.items():
-        room[key] = room.get(key, 0.0) - value
+        if key != "memory" or key in room:  # (memory: as ``_has`` counts it)
+            room[key] = room.get(key, 0.0) - value
 
 
 def describe(resources: dict[str, float]) -> str:
     """A resource demand as users read it: ``{'CPU': 1.0, 'GPU': 1.0}``, zeros left out."""
-    shown = {k: round(float(v), 3) for k, v in sorted(resources.items()) if v > 0}
+    shown: dict[str, float | str] = {
+        k: f"{v / 2**30:.1f} GiB" if k == "memory" else round(float(v), 3)
+        for k, v in sorted(resources.items()) if v > 0}
     return str(shown)

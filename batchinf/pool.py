@@ -40,7 +40,7 @@ from batchinf.errors import InfrastructureError, JobFailed, ModelError
 from batchinf.job import JobSpec
 from batchinf.model import ModelSource
 from batchinf.planner import NodeView, Plan, describe, plan, replan
-from batchinf.predictor import Predictor
+from batchinf.predictor import ChampionChallenger, Predictor
 from batchinf.raycluster import free_resources_per_node, root_cause
 from batchinf.settings import DEFAULTS, Settings
 
@@ -113,8 +113,14 @@ class PredictorPool:
         should_stop: Callable[[], bool] | None = None,
         *,
         settings: Settings,
+        challenger: ModelSource | None = None,
+        memory: float = 0.0,
     ) -> None:
+        """``challenger``: a second model each replica holds beside ``source``. ``memory``:
+        the bytes a replica holds (``model.replica_memory``), reserved on its node."""
         self._source = source
+        self._challenger = challenger
+        self._memory = memory
         self._spec = spec
         self._settings = settings
         self._prefix = f"{name_prefix}-{secrets.token_hex(2)}"
@@ -158,7 +164,7 @@ class PredictorPool:
         while not self._should_stop():
             nodes = live_nodes()
             self._shapes = [n.total for n in nodes]
-            current = plan(nodes, self._spec, node_types, self._settings)
+            current = plan(nodes, self._spec, node_types, self._settings, self._memory)
             if current.replicas_now == 0:
                 self._on_wait(current.waiting)
                 time.sleep(2.0)
@@ -179,7 +185,8 @@ class PredictorPool:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         assert self.plan is not None
-        remote = ray.remote(Predictor)
+        remote: Any = ray.remote(ChampionChallenger if self._challenger else Predictor)
+        models = (self._source, self._challenger) if self._challenger else (self._source,)
         custom = {k: v for k, v in self.plan.replica.items() if k not in ("CPU", "GPU")}
         generation = f"-{self.generation}" if self.generation else ""
         for number in range(self._spec.replicas_max):
@@ -193,10 +200,11 @@ class PredictorPool:
                 num_cpus=self.plan.replica_cpus,
                 num_gpus=self.plan.replica_gpus,
                 resources=custom or None,
+                memory=self.plan.replica_memory or None,
                 max_restarts=REPLICA_RESTARTS,
                 max_task_retries=0,  # a lost call is resent by the driver, to a live replica
                 scheduling_strategy=strategy,
-            ).remote(self._source, self._spec.top_k, self.plan.tf_threads, True,
+            ).remote(*models, self._spec.top_k, self.plan.tf_threads, True,
                      self.plan.model_streams, tuple(self._spec.outputs))
             self._actors.append(actor)
             self._names[actor] = str(number)
@@ -315,7 +323,7 @@ class PredictorPool:
         if pending.group is None:
             nodes, pending.nodes = pending.nodes or live_nodes(), None
             node_types = autoscaler_node_types(self._settings) + self._shapes
-            current = replan(nodes, self._spec, self.plan.replica, node_types,
+            current = replan(nodes, self._spec, self.plan.reserved, node_types,
                              resize=now - pending.since > SETTLE_S, settings=self._settings)
             if current is None:
                 pending.waiting = f"waiting for room for a replica of {describe(self.plan.replica)}"

@@ -40,6 +40,8 @@ class PredictedBatch:
     scores: np.ndarray  # float32 [len(positions), k]
     errors: RowErrors = field(default_factory=dict)
     outputs: dict[str, np.ndarray] = field(default_factory=dict)  # name -> float32 [len(positions), D]
+    seconds: float = 0.0  # spent inside the model on this batch
+    challenger: PredictedBatch | None = None  # the challenger's top-k for the same batch
 
 
 class Predictor:
@@ -59,10 +61,11 @@ class Predictor:
         for gpu in tf.config.list_physical_devices("GPU"):  # replicas may share one GPU
             with contextlib.suppress(RuntimeError):
                 tf.config.experimental.set_memory_growth(gpu, True)
-        if threads:
-            tf.config.threading.set_intra_op_parallelism_threads(max(1, threads // streams))
-            tf.config.threading.set_inter_op_parallelism_threads(
-                streams if streams > 1 else max(1, threads // 2))
+        if threads:  # once per process: a second model in the replica shares the first's
+            with contextlib.suppress(RuntimeError):
+                tf.config.threading.set_intra_op_parallelism_threads(max(1, threads // streams))
+                tf.config.threading.set_inter_op_parallelism_threads(
+                    streams if streams > 1 else max(1, threads // 2))
         self._stream_count = streams
         self._streams = ThreadPoolExecutor(streams, "model-stream") if streams > 1 else None
         self._tf = tf
@@ -176,7 +179,8 @@ class Predictor:
         except Exception:
             # One input broke the whole call: retry row by row so only that row fails.
             found, positions = self._run_singly(inputs, positions, errors)
-        self.busy_s += time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        self.busy_s += seconds
         assert all(len(a) == len(positions) for a in found.values()), \
             "the model must give one output per input"
         k = top_k or self._top_k
@@ -186,7 +190,7 @@ class Predictor:
             class_ids = np.zeros((len(positions), 0), np.int32)
             top = np.zeros((len(positions), 0), np.float32)
         outputs = {name: found[name] for name in self.info.outputs}
-        return PredictedBatch(batch.size, positions, class_ids, top, errors, outputs)
+        return PredictedBatch(batch.size, positions, class_ids, top, errors, outputs, seconds)
 
     def _inputs(self, batch: DecodedBatch) -> Any:
         if self.info.input.kind == "bytes":
@@ -232,6 +236,54 @@ class Predictor:
         if not kept:
             return self._none(), []
         return {name: np.concatenate([row[name] for row in kept]) for name in self._sizes}, kept_positions
+
+
+class ChampionChallenger:
+    """A replica holding two models: the job's own (the champion) and a challenger, each with
+    its own signature, input size and input type. Both run on every batch, one after the
+    other on the replica's threads, from the inputs one decode made for each
+    (``DecodedBatch.challenger``); the challenger's top-k rides along on the champion's
+    ``PredictedBatch``. A row the champion could not take has no challenger result either; a
+    row only the challenger rejects keeps the champion's."""
+
+    def __init__(
+        self, source: ModelSource, challenger: ModelSource, top_k: int,
+        threads: int | None = None, warm_up: bool = False, streams: int = 1,
+        outputs: Sequence[str] = (),
+    ) -> None:
+        self.champion = Predictor(source, top_k, threads, warm_up, streams, outputs)
+        self.challenger = Predictor(challenger, top_k, threads, warm_up, streams)
+        self.info = self.champion.info
+
+    def ready(self) -> bool:
+        return True
+
+    def describe(self) -> ModelInfo:
+        return self.info
+
+    def busy_seconds(self) -> float:
+        """How long this replica has spent inside either model."""
+        return self.champion.busy_s + self.challenger.busy_s
+
+    def predict(self, batch: DecodedBatch, top_k: int | None = None) -> PredictedBatch:
+        found = self.champion.predict(batch, top_k)
+        second = batch.challenger or DecodedBatch(batch.size, [], errors=dict(batch.errors))
+        kept = set(found.positions)  # rows the champion rejected are not the challenger's
+        second = _only(second, kept)
+        found.challenger = self.challenger.predict(second, top_k)
+        return found
+
+
+def _only(batch: DecodedBatch, kept: set[int]) -> DecodedBatch:
+    """The batch less the rows not in ``kept`` (their inputs dropped, positions kept)."""
+    if all(p in kept for p in batch.positions):
+        return batch
+    index = [i for i, p in enumerate(batch.positions) if p in kept]
+    return DecodedBatch(
+        batch.size, [batch.positions[i] for i in index],
+        pixels=batch.pixels[index] if batch.pixels is not None else None,
+        encoded=[batch.encoded[i] for i in index] if batch.encoded is not None else None,
+        errors=dict(batch.errors))
 
 
 def _load(tf: Any, uri: str) -> Any:

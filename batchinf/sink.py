@@ -40,7 +40,7 @@ PREDICTION = pa.struct(
 
 def output_schema(
     columns: Sequence[str], types: Sequence[pa.DataType] | None = None,
-    outputs: Mapping[str, int] | None = None,
+    outputs: Mapping[str, int] | None = None, challenger: bool = False,
 ) -> pa.Schema:
     """Manifest columns (as text, unless the manifest gives Arrow types), then what batchinf adds.
 
@@ -48,21 +48,43 @@ def output_schema(
     column ``output_<name>`` of fixed-size lists of ``D`` float32, so every part of a job has
     the same schema. With top-k 0 the prediction columns stay, null on every row: every
     output of batchinf has them, and readers of them (the ledger, the report) need no case.
+    ``challenger``: the job runs a challenger (``--challenger``), whose top-k, top-1 and model
+    go into ``challenger_*`` columns beside the champion's.
     """
     fields = [pa.field(name, types[i] if types else pa.string()) for i, name in enumerate(columns)]
     fields += [
         pa.field("predictions", pa.list_(PREDICTION)),
         pa.field("top1_label", pa.string()),
         pa.field("top1_score", pa.float32()),
+    ]
+    if challenger:
+        fields += [
+            pa.field("challenger_predictions", pa.list_(PREDICTION)),
+            pa.field("challenger_top1_label", pa.string()),
+            pa.field("challenger_top1_score", pa.float32()),
+        ]
+    fields += [
         *(pa.field(output_column(name), pa.list_(pa.float32(), size))
           for name, size in (outputs or {}).items()),
         pa.field("error", pa.string()),
         pa.field("error_kind", pa.string()),
         pa.field("model_name", pa.string()),
         pa.field("model_version", pa.string()),
-        pa.field("job_id", pa.string()),
     ]
+    if challenger:
+        fields += [pa.field("challenger_model_name", pa.string()),
+                   pa.field("challenger_model_version", pa.string())]
+    fields.append(pa.field("job_id", pa.string()))
     return pa.schema(fields)
+
+
+@dataclass(frozen=True)
+class Challenger:
+    """The second model of a job run with ``--challenger``: what its rows carry."""
+
+    model_name: str
+    model_version: str | None
+    labels: tuple[str, ...] | None
 
 
 @dataclass(frozen=True)
@@ -75,6 +97,7 @@ class RunInfo:
     labels: tuple[str, ...] | None
     ranks: bool = True  # False with top-k 0: the prediction columns are null
     outputs: dict[str, int] = field(default_factory=dict)  # --outputs: name -> D
+    challenger: Challenger | None = None
 
 
 def part_name(shard_index: int) -> str:
@@ -117,9 +140,32 @@ def build_table(shard: Shard, batches: Sequence[PredictedBatch], run: RunInfo) -
         "model_version": [run.model_version] * n,
         "job_id": [run.job_id] * n,
     }
-    schema = output_schema(shard.columns, shard.types, run.outputs).with_metadata(
-        {"batchinf.job_id": run.job_id})
+    if run.challenger is not None:
+        columns |= _challenger_columns(batches, run.challenger)
+    schema = output_schema(shard.columns, shard.types, run.outputs,
+                           run.challenger is not None).with_metadata({"batchinf.job_id": run.job_id})
     return pa.Table.from_pydict(columns, schema=schema)
+
+
+def _challenger_columns(batches: Sequence[PredictedBatch], challenger: Challenger) -> dict[str, list]:
+    """The challenger's columns of a shard: its ranking where it scored the row, else null
+    (a row in error, or one the challenger alone could not take)."""
+    predictions: list[list[dict] | None] = []
+    for batch in batches:
+        second = batch.challenger
+        by_position = {p: i for i, p in enumerate(second.positions)} if second else {}
+        for position in range(batch.size):
+            i = by_position.get(position)
+            predictions.append(None if i is None or second is None else
+                               ranked(second.class_ids[i], second.scores[i], challenger.labels))
+    n = len(predictions)
+    return {
+        "challenger_predictions": predictions,
+        "challenger_top1_label": [p[0]["label"] if p else None for p in predictions],
+        "challenger_top1_score": [p[0]["score"] if p else None for p in predictions],
+        "challenger_model_name": [challenger.model_name] * n,
+        "challenger_model_version": [challenger.model_version] * n,
+    }
 
 
 def _output_array(batches: Sequence[PredictedBatch], rows: int, name: str, size: int) -> pa.Array:
@@ -182,10 +228,11 @@ def count_errors(part_uri: str) -> tuple[int, dict[str, int]]:
 
 def write_empty_part(
     output: str, columns: Sequence[str], job_id: str, types: Sequence[pa.DataType] | None = None,
-    outputs: Mapping[str, int] | None = None,
+    outputs: Mapping[str, int] | None = None, challenger: bool = False,
 ) -> str:
     """A zero-row part with the full schema, so a job of no rows leaves a readable output."""
-    schema = output_schema(columns, types, outputs).with_metadata({"batchinf.job_id": job_id})
+    schema = output_schema(columns, types, outputs, challenger).with_metadata(
+        {"batchinf.job_id": job_id})
     return write_part(output, 0, schema.empty_table())
 
 

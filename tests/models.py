@@ -105,6 +105,40 @@ def make_bytes_model(base: str) -> str:
     return base
 
 
+# The challenger: red and green swapped, so it calls a red image "green" and a green one "red";
+# it takes uint8 pixels [N, 16, 16, 3] (another size and type than the champion's float 8x8).
+CHALLENGER_ORDER = [1, 0, 2, 3, 4]
+CHALLENGER_SIZE = 16
+
+
+def expected_challenger_topk(rgb: tuple[int, int, int], k: int) -> list[tuple[str, float]]:
+    scores = expected_scores(rgb)[CHALLENGER_ORDER]
+    order = np.argsort(-scores, kind="stable")[:k]
+    return [(LABELS[i], float(scores[i])) for i in order]
+
+
+def make_challenger_model(base: str, version: int = 1) -> str:
+    """TF Serving layout: ``base/<version>/`` takes uint8 ``pixels`` [N, 16, 16, 3]; scores as
+    ``make_image_model`` with the red and green classes swapped (``expected_challenger_topk``)."""
+    import tensorflow as tf
+
+    weights = tf.constant(WEIGHTS[:, CHALLENGER_ORDER])
+    bias = tf.constant(BIAS[CHALLENGER_ORDER])
+
+    class Swapped(tf.Module):
+        @tf.function(input_signature=[
+            tf.TensorSpec([None, CHALLENGER_SIZE, CHALLENGER_SIZE, 3], tf.uint8, name="pixels")])
+        def serve(self, pixels: tf.Tensor) -> dict:
+            mean = tf.reduce_mean(tf.cast(pixels, tf.float32) / 255.0, axis=[1, 2])
+            return {"probabilities": mean @ weights + bias}
+
+    module = Swapped()
+    tf.saved_model.save(module, os.path.join(base, str(version)),
+                        signatures={"serving_default": module.serve})
+    _write_sidecars(base, True, None)
+    return base
+
+
 # The embedding model's embedding: the mean colour in [0, 1], then its sum (brightness).
 EMBEDDING = np.array([[1.0, 0.0, 0.0, 1.0], [0.0, 1.0, 0.0, 1.0], [0.0, 0.0, 1.0, 1.0]],
                      dtype=np.float32)
