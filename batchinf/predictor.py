@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 import time
 from collections.abc import Sequence
@@ -289,10 +290,15 @@ def _only(batch: DecodedBatch, kept: set[int]) -> DecodedBatch:
 def _load(tf: Any, uri: str) -> Any:
     try:
         if storage.is_s3(uri):
-            # TensorFlow's own S3 filesystem left core TF; copy the (small) folder first.
+            # TensorFlow's own S3 filesystem left core TF; copy the (small) folder first. The
+            # load restores the variables and runs the asset initialisers, so nothing reads the
+            # copy afterwards: it is removed at once (a replica is often killed, not exited).
             local = tempfile.mkdtemp(prefix="batchinf-model-")
-            storage.download_folder(uri, local)
-            return tf.saved_model.load(local)
+            try:
+                storage.download_folder(uri, local)
+                return tf.saved_model.load(local)
+            finally:
+                shutil.rmtree(local, ignore_errors=True)
         return tf.saved_model.load(storage.local_path(uri))
     except Exception as exc:
         raise ModelError(f"cannot load SavedModel {uri}: {type(exc).__name__}: {exc}") from exc

@@ -212,3 +212,23 @@ def test_a_challenger_that_takes_encoded_files_agrees_with_the_same_weights(
     rows = pq.read_table(output).to_pylist()
     assert [r["challenger_top1_label"] for r in rows] == [r["top1_label"] for r in rows]
     assert all(r["challenger_model_version"] is None for r in rows)  # a bare SavedModel folder
+
+
+# -- a model on S3 ------------------------------------------------------------------------------
+
+
+def test_a_model_on_s3_is_loaded_from_a_copy_that_is_removed_at_once(
+        s3_endpoint, bucket, image_model, tmp_path, monkeypatch):
+    import tempfile
+
+    from batchinf import storage
+    from batchinf.decode import decode_batch
+    from batchinf.predictor import Predictor
+
+    storage.upload_folder(image_model, f"s3://{bucket}/models/colour")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # where the copy goes
+    predictor = Predictor(resolve_model(f"s3://{bucket}/models/colour"), top_k=1)
+    assert not list(tmp_path.glob("batchinf-model-*"))  # a replica killed later leaves nothing
+    image = write_solid_image(str(tmp_path / "red.png"), COLOURS[0])
+    found = predictor.predict(decode_batch([image], predictor.info.input))
+    assert int(found.class_ids[0][0]) == 0  # red, from the restored weights
