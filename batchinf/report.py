@@ -337,9 +337,10 @@ def _challenger_lines(compared: dict[str, Any], speeds: dict[str, Any] | None,
     for role in ("champion", "challenger"):
         model = (speeds or {}).get(role)
         if model:
+            rate, busy = model.get("images_per_model_second"), model.get("model_seconds")
             lines.append(f"  {role:<10} {model_title(model)}: "
-                         f"{model['images_per_model_second']:,.1f} images per model-second "
-                         f"({model['model_seconds']:,.1f} s in the model)")
+                         f"{'-' if rate is None else f'{rate:,.1f}'} images per model-second "
+                         f"({'-' if busy is None else f'{busy:,.1f}'} s in the model)")
     return lines
 
 
