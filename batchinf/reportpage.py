@@ -266,7 +266,7 @@ def _challenger_section(s: dict[str, Any]) -> str:
     c = s["challenger"]
     speeds = s.get("model_throughput") or {}
     models = {"champion": speeds.get("champion") or s.get("model") or {},
-              "challenger": speeds.get("challenger") or {}}
+              "challenger": speeds.get("challenger") or s.get("challenger_model") or {}}
     lines = ["<tr><th></th><th>model</th><th>version</th><th class=\"num\">images per "
              "model-second</th><th class=\"num\">seconds in the model</th></tr>"]
     for role, model in models.items():

@@ -216,6 +216,10 @@ def test_describe_prints_agreement_the_top_flips_and_each_models_speed() -> None
                      for i in range(5)]
     assert "  champion   resnet version 3: 120.0 images per model-second (10.0 s in the model)" in text
     assert "  challenger effnet: 75.0 images per model-second (16.0 s in the model)" in text
+    idle = {**THROUGHPUT, "challenger": {**THROUGHPUT["challenger"], "model_seconds": 0.0,
+                                         "images_per_model_second": None}}
+    assert "  challenger effnet: - images per model-second (0.0 s in the model)" in (
+        report.describe(summary_of(many_flips(), idle)))
     bare = report.describe(summary_of({**many_flips(), "flips": [], "rows_compared": 0,
                                         "rows_agreed": 0, "agreement": None}, speeds=None))
     assert "top-1 agreement - (no row ranked by both models)" in bare
@@ -234,8 +238,12 @@ def test_the_page_has_the_section_and_stays_self_contained() -> None:
     assert "s3://b/&lt;odd&gt;&amp;name.jpg" in section and "<odd>" not in html
     assert section.count("<svg") == 1 and section.count('class="model-speed"') == 2
     assert re.search(r"src=|href=|<script|<link|url\(|@import", html, re.I) is None  # no request
-    without = reportpage.page(summary_of(compared, speeds=None))
-    assert "Champion and challenger" in without and 'class="model-speed"' not in without
+    without = summary_of(compared, speeds=None)  # a summary counted from the parts
+    assert "<td>challenger</td><td>-</td>" in reportpage.page(without)
+    without["challenger_model"] = {"uri": "s3://m/effnet", "name": "effnet", "version": "7"}
+    shown = reportpage.page(without)
+    assert "<td>challenger</td><td>effnet</td><td>7</td><td class=\"num\">-</td>" in shown
+    assert "Champion and challenger" in shown and 'class="model-speed"' not in shown
 
 
 def test_the_section_renders_in_a_browser(tmp_path: Any) -> None:
