@@ -8,6 +8,12 @@ attempt committed, without reading those parts again; a part whose sidecar is mi
 writer died between the two writes, or the output predates sidecars) is counted from its own
 ``top1_label``, ``top1_score``, ``error_kind`` and ``uri`` columns, one part at a time.
 
+A job run with a challenger (a second model scoring the same decoded images) has its parts'
+``challenger_top1_label`` and ``challenger_top1_score`` counted too (``CompareStats``): the rows
+both models ranked, the rows where their top-1 classes agree, the challenger's own top-1
+classes and scores, and the pairs of classes that flip between them with a few example URIs.
+They sum into the summary's ``challenger`` key; a job without a challenger has none.
+
 The figures go into ``_summary.json`` (beside the keys it always had) and into ``_report.html``
 (``batchinf.reportpage``), both written before ``_SUCCESS``. Scores are counted in fixed bins
 (20 of 0.05 over [0, 1], plus one below and one above for models that do not give
@@ -33,7 +39,29 @@ PAGE = "_report.html"
 SCORE_BINS = 20  # of width 1 / SCORE_BINS over [0, 1]
 EXAMPLES_KEPT = 3  # example URIs kept per error kind
 THROUGHPUT_POINTS = 30  # windows the run's time is cut into for images/s
-_COLUMNS = ("top1_label", "top1_score", "error_kind", "uri")
+FLIPS_KEPT = 10  # the pairs of top-1 classes that flip most, in the summary
+_CHALLENGER_COLUMNS = ("challenger_top1_label", "challenger_top1_score")
+_COLUMNS = ("top1_label", "top1_score", "error_kind", "uri", *_CHALLENGER_COLUMNS)
+
+
+@dataclass
+class CompareStats:
+    """A part's champion against challenger: counted only when the part has a challenger.
+
+    ``flips`` holds the rows whose top-1 classes differ, by champion class then challenger
+    class (nested, so a sidecar's keys are plain labels), ``flip_examples`` up to
+    ``EXAMPLES_KEPT`` of their URIs the same way."""
+
+    rows_compared: int = 0  # both top-1 labels set
+    rows_agreed: int = 0
+    classes: dict[str, int] = field(default_factory=dict)  # the challenger's top-1 classes
+    score_sum: float = 0.0  # over the rows counted in ``classes``
+    flips: dict[str, dict[str, int]] = field(default_factory=dict)
+    flip_examples: dict[str, dict[str, list[str]]] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CompareStats:
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
 
 
 @dataclass
@@ -50,10 +78,13 @@ class PartStats:
     examples: dict[str, list[str]] = field(default_factory=dict)
     committed_at: float | None = None  # wall clock; None when counted later from the part
     attempt_started_at: float | None = None  # when the attempt that committed it began
+    challenger: CompareStats | None = None  # None: the part has no challenger (or predates it)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PartStats:
         known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        if known.get("challenger") is not None:
+            known["challenger"] = CompareStats.from_dict(known["challenger"])
         return cls(**known)
 
 
@@ -71,7 +102,8 @@ def count_rows(
     attempt_started_at: float | None = None,
 ) -> PartStats:
     """The figures of a part from its columns (``top1_label``, ``top1_score``, ``error_kind``,
-    and ``uri`` when the manifest has one)."""
+    ``uri`` when the manifest has one, ``challenger_top1_label`` and ``challenger_top1_score``
+    when the job has a challenger)."""
     stats = PartStats(shard, committed_at=committed_at, attempt_started_at=attempt_started_at)
     kinds = columns["error_kind"]
     uris = columns.get("uri") or [None] * len(kinds)
@@ -89,7 +121,36 @@ def count_rows(
             stats.classes[key] = stats.classes.get(key, 0) + 1
             stats.scores[score_slot(float(score))] += 1
             stats.score_sum += float(score)
+    if "challenger_top1_label" in columns:
+        stats.challenger = count_challenger(columns, uris)
     return stats
+
+
+def count_challenger(columns: dict[str, list[Any]], uris: list[Any]) -> CompareStats:
+    """Champion against challenger over a part's rows: a row is compared when both top-1
+    labels are set (the challenger's are null on error rows and where it alone failed)."""
+    found = CompareStats()
+    scores = columns.get("challenger_top1_score") or [None] * len(uris)
+    for label, other, score, kind, uri in zip(
+            columns["top1_label"], columns["challenger_top1_label"], scores,
+            columns["error_kind"], uris, strict=True):
+        if other is None:
+            continue
+        if kind is None and score is not None:
+            found.classes[str(other)] = found.classes.get(str(other), 0) + 1
+            found.score_sum += float(score)
+        if label is None:
+            continue
+        found.rows_compared += 1
+        if str(label) == str(other):
+            found.rows_agreed += 1
+            continue
+        into = found.flips.setdefault(str(label), {})
+        into[str(other)] = into.get(str(other), 0) + 1
+        examples = found.flip_examples.setdefault(str(label), {}).setdefault(str(other), [])
+        if uri is not None and len(examples) < EXAMPLES_KEPT:
+            examples.append(str(uri))
+    return found
 
 
 def count_table(shard: int, table: Any, attempt_started_at: float | None) -> PartStats:
@@ -138,6 +199,7 @@ def figures(parts: Iterable[PartStats]) -> dict[str, Any]:
             kept = examples.setdefault(kind, [])
             kept.extend(uris[: EXAMPLES_KEPT - len(kept)])
     scored = sum(scores)
+    compared = [p.challenger for p in parts if p.challenger is not None]
     return {
         "error_rate": round(failed / rows, 6) if rows else 0.0,
         "top1_classes": by_count(classes),
@@ -148,6 +210,39 @@ def figures(parts: Iterable[PartStats]) -> dict[str, Any]:
         },
         "error_examples": dict(sorted(examples.items())),
         "throughput": throughput(parts),
+    } | ({"challenger": challenger_figures(compared)} if compared else {})
+
+
+def challenger_figures(parts: list[CompareStats]) -> dict[str, Any]:
+    """The summary's ``challenger`` key from its parts' comparisons (in shard order): top-1
+    agreement, the ``FLIPS_KEPT`` pairs of classes that flip most (ties by the two names) with
+    up to ``EXAMPLES_KEPT`` example URIs each, and the challenger's own top-1 classes and mean
+    score."""
+    compared = sum(p.rows_compared for p in parts)
+    agreed = sum(p.rows_agreed for p in parts)
+    classes: dict[str, int] = {}
+    flips: dict[tuple[str, str], int] = {}
+    examples: dict[tuple[str, str], list[str]] = {}
+    for part in parts:
+        for label, count in part.classes.items():
+            classes[label] = classes.get(label, 0) + count
+        for champion, into in part.flips.items():
+            for challenger, count in into.items():
+                pair = (champion, challenger)
+                flips[pair] = flips.get(pair, 0) + count
+                kept = examples.setdefault(pair, [])
+                uris = part.flip_examples.get(champion, {}).get(challenger, [])
+                kept.extend(uris[: EXAMPLES_KEPT - len(kept)])
+    most = sorted(flips.items(), key=lambda kv: (-kv[1], kv[0]))[:FLIPS_KEPT]
+    scored = sum(classes.values())
+    return {
+        "rows_compared": compared,
+        "rows_agreed": agreed,
+        "agreement": round(agreed / compared, 4) if compared else None,
+        "flips": [{"champion": a, "challenger": b, "rows": n, "examples": examples[(a, b)]}
+                  for (a, b), n in most],
+        "classes": by_count(classes),
+        "mean_top1_score": round(sum(p.score_sum for p in parts) / scored, 6) if scored else None,
     }
 
 
@@ -210,7 +305,43 @@ def describe(summary: dict[str, Any], top: int = 8) -> str:
     if speed:
         lines.append(f"  images/s over the run: peak {max(speed):.1f}, "
                      f"windows of {summary['throughput']['window_s']} s")
+    if summary.get("challenger") is not None:
+        lines += _challenger_lines(summary["challenger"], summary.get("model_throughput"))
     return "\n".join(lines)
+
+
+def agreement_text(compared: dict[str, Any]) -> str:
+    """``top-1 agreement 94.2% (1,130 of 1,200 rows)``, or why there is none."""
+    rows, agreed = compared["rows_compared"], compared["rows_agreed"]
+    if not rows:
+        return "top-1 agreement - (no row ranked by both models)"
+    return f"top-1 agreement {agreed / rows:.1%} ({agreed:,} of {rows:,} rows)"
+
+
+def model_title(model: dict[str, Any]) -> str:
+    """A model of ``model_throughput`` (or ``model``) as ``name version V``."""
+    version = model.get("version")
+    return f"{model.get('name') or '?'}" + (f" version {version}" if version is not None else "")
+
+
+def _challenger_lines(compared: dict[str, Any], speeds: dict[str, Any] | None,
+                      top: int = 5) -> list[str]:
+    lines = [f"  challenger: {agreement_text(compared)}"]
+    flips = compared.get("flips") or []
+    if flips:
+        lines.append("  top-1 flips, champion -> challenger, most rows first:")
+    for flip in flips[:top]:
+        example = f"  e.g. {flip['examples'][0]}" if flip["examples"] else ""
+        lines.append(f"    {flip['champion'] + ' -> ' + flip['challenger']:<36} "
+                     f"{flip['rows']:>9,} {'row ' if flip['rows'] == 1 else 'rows'}{example}")
+    for role in ("champion", "challenger"):
+        model = (speeds or {}).get(role)
+        if model:
+            rate, busy = model.get("images_per_model_second"), model.get("model_seconds")
+            lines.append(f"  {role:<10} {model_title(model)}: "
+                         f"{'-' if rate is None else f'{rate:,.1f}'} images per model-second "
+                         f"({'-' if busy is None else f'{busy:,.1f}'} s in the model)")
+    return lines
 
 
 def _class_lines(summary: dict[str, Any], top: int) -> list[str]:

@@ -4,7 +4,9 @@ Nothing on the page makes a request (no script, font, style sheet or image from 
 it opens the same from an S3 console download, a mail attachment or a folder with no network.
 The SVG is written here by hand from the figures of ``batchinf.report`` (no plotting library at
 run time): the top-1 class distribution, the top-1 score histogram, images/s over the run, the
-error rows by kind with example URIs, and, with a baseline, the drift against it.
+error rows by kind with example URIs, with a challenger the two models side by side (top-1
+agreement, the classes that flip, images per model-second), and, with a baseline, the drift
+against it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 from batchinf import storage
 
 BAR, BASE, LINE, ALERT = "#3b6ea8", "#a9b1bb", "#2f8f5b", "#b3261e"
+CHALLENGER = "#c26a1b"  # the challenger's bar beside the champion's (BAR)
 CLASSES_SHOWN = 15
 _STYLE = """
 body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Helvetica,Arial,sans-serif;color:#1d232b;
@@ -52,6 +55,7 @@ def page(summary: dict[str, Any]) -> str:
                                          _score_caption(summary, drift)),
         "<h2>Images per second over the run</h2>", _figure(speed_chart(summary["throughput"]),
                                                            _speed_caption(summary)),
+        _challenger_section(summary) if summary.get("challenger") is not None else "",
         "<h2>Error rows</h2>", _errors(summary),
     ]
     title = escape(f"batchinf report {summary.get('job_id', '')}")
@@ -252,6 +256,76 @@ def _errors(s: dict[str, Any]) -> str:
         lines.append(f"<tr><td>{escape(kind)}</td><td class=\"num\">{count:,}</td>"
                      f"<td class=\"num\">{count / rows:.2%}</td><td class=\"uri\">{uris}</td></tr>")
     return "".join(lines) + "</table>"
+
+
+def _challenger_section(s: dict[str, Any]) -> str:
+    """The two models side by side: who they are and how fast, top-1 agreement, the pairs of
+    classes that flip most with example URIs."""
+    from batchinf.report import agreement_text, by_count
+
+    c = s["challenger"]
+    speeds = s.get("model_throughput") or {}
+    models = {"champion": speeds.get("champion") or s.get("model") or {},
+              "challenger": speeds.get("challenger") or s.get("challenger_model") or {}}
+    lines = ["<tr><th></th><th>model</th><th>version</th><th class=\"num\">images per "
+             "model-second</th><th class=\"num\">seconds in the model</th></tr>"]
+    for role, model in models.items():
+        rate, busy = model.get("images_per_model_second"), model.get("model_seconds")
+        lines.append(f"<tr><td>{role}</td><td>{escape(str(model.get('name') or '-'))}</td>"
+                     f"<td>{escape(str(model.get('version') or '-'))}</td>"
+                     f"<td class=\"num\">{'-' if rate is None else f'{rate:,.1f}'}</td>"
+                     f"<td class=\"num\">{'-' if busy is None else f'{busy:,.1f}'}</td></tr>")
+    classes = by_count(c.get("classes") or {})
+    mean = c.get("mean_top1_score")
+    facts = [agreement_text(c), f"challenger: {len(classes)} top-1 "
+             f"{'class' if len(classes) == 1 else 'classes'}, mean top-1 score "
+             + ("-" if mean is None else f"{mean:.4f}")]
+    chart = ""
+    if all(m.get("images_per_model_second") is not None for m in models.values()):
+        chart = _figure(model_speed_chart(models), "Images per second of time spent inside each "
+                        "model (decode and writing left out), over the whole run.")
+    return (f"<h2>Champion and challenger</h2><p class=\"meta\">{escape(' · '.join(facts))}</p>"
+            f"<div class=\"grid\"><table class=\"models\">{''.join(lines)}</table>{chart}</div>"
+            + _flips(c))
+
+
+def model_speed_chart(models: dict[str, dict[str, Any]]) -> str:
+    """Horizontal bars: each model's images per model-second (champion blue, challenger
+    orange)."""
+    from batchinf.report import model_title
+
+    rates = {role: float(m["images_per_model_second"]) for role, m in models.items()}
+    top = nice_top(max(rates.values()))
+    left, width, row = 90, 300, 26
+    parts = []
+    for i, (role, rate) in enumerate(rates.items()):
+        y = 6 + i * row
+        colour = BAR if role == "champion" else CHALLENGER
+        parts.append(f'<text x="{left - 8}" y="{y + 13}" text-anchor="end">{role}</text>')
+        parts.append(f'<rect class="model-speed" x="{left}" y="{y + 2}" '
+                     f'width="{max(1.0, width * rate / top):.1f}" height="16" fill="{colour}">'
+                     f'<title>{escape(model_title(models[role]))}: {rate:,.1f}</title></rect>')
+        parts.append(f'<text x="{left + width * rate / top + 6:.1f}" y="{y + 14}">{rate:,.1f}</text>')
+    return _svg(left + width + 90, 12 + len(rates) * row, "Images per model-second", parts)
+
+
+def _flips(c: dict[str, Any]) -> str:
+    flips = c.get("flips") or []
+    if not c.get("rows_compared"):
+        return "<p>No row was ranked by both models.</p>"
+    if not flips:
+        return "<p>No row changed its top-1 class.</p>"
+    compared = c["rows_compared"]
+    lines = ["<table class=\"flips\"><tr><th>champion class</th><th>challenger class</th>"
+             "<th class=\"num\">rows</th><th class=\"num\">share</th><th>examples</th></tr>"]
+    for flip in flips:
+        uris = "<br>".join(escape(u) for u in flip["examples"])
+        lines.append(f"<tr><td>{escape(flip['champion'])}</td><td>{escape(flip['challenger'])}</td>"
+                     f"<td class=\"num\">{flip['rows']:,}</td>"
+                     f"<td class=\"num\">{flip['rows'] / compared:.2%}</td>"
+                     f"<td class=\"uri\">{uris}</td></tr>")
+    return ("<p>The pairs of top-1 classes that flip most (share of the rows ranked by both):</p>"
+            + "".join(lines) + "</table>")
 
 
 def _drift_section(d: dict[str, Any]) -> str:
