@@ -4,6 +4,7 @@ holding both reserved with their memory."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -193,6 +194,16 @@ def test_a_job_with_a_challenger_writes_both_models_top_k_side_by_side(
     assert broken["challenger_predictions"] is None and broken["challenger_top1_label"] is None
 
     assert summary["challenger_model"]["name"] == "swapped"
+    compared = summary["challenger"]
+    flipped = [r for r in rows[:-1] if r["top1_label"] != r["challenger_top1_label"]]
+    assert compared["rows_compared"] == len(COLOURS)  # the broken row is compared by neither
+    assert compared["rows_agreed"] == len(COLOURS) - len(flipped) and flipped
+    assert compared["agreement"] == pytest.approx(1 - len(flipped) / len(COLOURS), abs=1e-4)
+    pairs = {(f["champion"], f["challenger"]): f for f in compared["flips"]}
+    assert ("red", "green") in pairs and ("green", "red") in pairs  # the swap, both ways
+    red_uris = [r["uri"] for r in flipped if r["top1_label"] == "red"]
+    assert pairs[("red", "green")]["rows"] == len(red_uris)
+    assert set(pairs[("red", "green")]["examples"]) <= set(red_uris)
     speed = summary["model_throughput"]
     assert set(speed) == {"champion", "challenger"}
     assert all(s["model_seconds"] > 0 and s["images_per_model_second"] > 0 for s in speed.values())
@@ -211,6 +222,10 @@ def test_a_challenger_that_takes_encoded_files_agrees_with_the_same_weights(
     run_job("job-bytes", spec)
     rows = pq.read_table(output).to_pylist()
     assert [r["challenger_top1_label"] for r in rows] == [r["top1_label"] for r in rows]
+    summary = json.loads((tmp_path / "out" / "_summary.json").read_text())
+    assert summary["challenger"]["agreement"] == 1.0 and summary["challenger"]["flips"] == []
+    page = (tmp_path / "out" / "_report.html").read_text()
+    assert "Champion and challenger" in page
     assert all(r["challenger_model_version"] is None for r in rows)  # a bare SavedModel folder
 
 
