@@ -339,13 +339,16 @@ class LocalCluster:
             f"--temp-dir={node.temp_dir}",
             f"--num-cpus={node.num_cpus}",
             "--num-gpus=0",
-            f"--resources={json.dumps(node.resources)}",
+            # Ray's memory resource has a flag of its own: ``{"memory": bytes}`` goes there
+            f"--resources={json.dumps({k: v for k, v in node.resources.items() if k != 'memory'})}",
             f"--object-store-memory={self.object_store_mb * 1024 * 1024}",
             # Workers bind ports the OS picks: Ray's fixed 10002-19999 range is shared by all.
             "--min-worker-port=0",
             "--max-worker-port=0",
             "--disable-usage-stats",
         ]
+        if "memory" in node.resources:
+            command.append(f"--memory={int(node.resources['memory'])}")
         if node.head:
             command.append("--include-dashboard=true")
         if node.node_ip or self.node_ip:

@@ -247,3 +247,4 @@ def test_a_model_on_s3_is_loaded_from_a_copy_that_is_removed_at_once(
     image = write_solid_image(str(tmp_path / "red.png"), COLOURS[0])
     found = predictor.predict(decode_batch([image], predictor.info.input))
     assert int(found.class_ids[0][0]) == 0  # red, from the restored weights
+
