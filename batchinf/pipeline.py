@@ -180,7 +180,8 @@ class JobRunner:
                     decode_policy, second.input if second else None)
 
             self._decode = decode
-            self._prefetch = _prefetch_batches(info.input, spec.batch_size, reserved.max_in_flight,
+            inputs = (info.input, second.input) if second else (info.input,)
+            self._prefetch = _prefetch_batches(inputs, spec.batch_size, reserved.max_in_flight,
                                                self.settings.prefetch_mb)
             cancelled = self._stream(pool, committed, progress)
             if not cancelled:  # a cancelled replica's queue may still hold batches: don't wait
@@ -557,11 +558,15 @@ def run_job(
                      settings=settings).run()
 
 
-def _prefetch_batches(spec: Any, batch_size: int, floor: int, prefetch_mb: float) -> int:
+def _prefetch_batches(
+    specs: tuple[Any, ...], batch_size: int, floor: int, prefetch_mb: float
+) -> int:
     """How many batches may decode ahead while no replica holds the model yet: as many as
     ``prefetch_mb`` of decoded pixels (or of encoded files, ~256 KB a row, for models that
-    take them), and never fewer than the steady state's ``floor``."""
-    row = spec.height * spec.width * 3 if spec.kind == "image" and spec.height else 256 * 1024
+    take them; a challenger's inputs count too), and never fewer than the steady state's
+    ``floor``."""
+    row = sum(s.height * s.width * 3 if s.kind == "image" and s.height else 256 * 1024
+              for s in specs)
     return max(floor, int(prefetch_mb * 1024 * 1024 // (row * batch_size)))
 
 
