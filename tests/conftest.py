@@ -203,6 +203,19 @@ def colour_images(tmp_path: Any) -> tuple[str, list[tuple[int, int, int]]]:
     return write_manifest(tmp_path / "manifest.csv", ["uri", "id", "note"], rows), colours
 
 
+def submit_one_row(tmp_path: Any, *options: str) -> Any:
+    """``batchinf submit`` of a one-row manifest to a store of its own, as a subprocess: for
+    what submit refuses (it must queue nothing, so no dispatcher starts)."""
+    import subprocess
+    import sys
+
+    manifest = write_manifest(tmp_path / "m.csv", ["uri"], [["a.png"]])
+    env = {**os.environ, "BATCHINF_STORE": str(tmp_path / "store")}
+    return subprocess.run([sys.executable, "-m", "batchinf.cli", "submit", manifest,
+                           "--output", str(tmp_path / "out"), *options],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
 def until(predicate: Any, timeout: float = 240.0, every: float = 0.5) -> Any:
     """Poll ``predicate`` until it returns something true (that value), or fail the test."""
     import time

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -24,7 +22,7 @@ from batchinf.model import (
 )
 from batchinf.planner import Infeasible, NodeView, plan
 from batchinf.sink import output_schema
-from tests.conftest import COLOURS, write_manifest
+from tests.conftest import COLOURS, submit_one_row, write_manifest
 from tests.models import (
     CHALLENGER_SIZE,
     SIZE,
@@ -111,15 +109,7 @@ def test_a_job_spec_file_and_the_client_take_a_challenger(tmp_path, image_model,
     client.check(spec)
 
 
-def _submit(tmp_path, *options: str) -> subprocess.CompletedProcess:
-    manifest = write_manifest(tmp_path / "m.csv", ["uri"], [["a.png"]])
-    env = {**os.environ, "BATCHINF_STORE": str(tmp_path / "store")}
-    return subprocess.run([sys.executable, "-m", "batchinf.cli", "submit", manifest,
-                           "--output", str(tmp_path / "out"), *options],
-                          env=env, capture_output=True, text=True, timeout=120)
-
-
-def test_a_challenger_batchinf_cannot_rank_is_refused_at_submit(tmp_path, image_model):
+def test_a_challenger_batchinf_cannot_rank_is_refused_atsubmit_one_row(tmp_path, image_model):
     wrong_labels = make_challenger_model(str(tmp_path / "wrong-labels"))
     (tmp_path / "wrong-labels" / "labels.txt").write_text("red\ngreen\n")
     cases = [
@@ -130,7 +120,7 @@ def test_a_challenger_batchinf_cannot_rank_is_refused_at_submit(tmp_path, image_
          "--top-k 1 or more"),
     ]
     for options, code, says in cases:
-        done = _submit(tmp_path, "--model", image_model, *options)
+        done = submit_one_row(tmp_path, "--model", image_model, *options)
         lines = done.stderr.strip().splitlines()
         assert done.returncode == code and len(lines) == 1 and says in lines[0], (options, done.stderr)
         assert lines[0].startswith("batchinf: ")

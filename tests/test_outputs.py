@@ -9,8 +9,6 @@ would use an embedding.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import duckdb
 import numpy as np
@@ -26,7 +24,7 @@ from batchinf.manifest import Shard
 from batchinf.model import resolve_model
 from batchinf.predictor import PredictedBatch
 from batchinf.signature import Signature, Tensor, inspect, model_info
-from tests.conftest import COLOURS, write_manifest
+from tests.conftest import COLOURS, submit_one_row, write_manifest
 from tests.models import LABELS, expected_embedding, expected_topk, make_embedding_model
 
 IMAGE = {"image": Tensor("float32", (None, 8, 8, 3))}
@@ -145,21 +143,13 @@ def test_a_job_spec_file_and_the_client_take_outputs(tmp_path, embedding_model):
     client.check(both)
 
 
-def _submit(tmp_path, *options: str) -> subprocess.CompletedProcess:
-    manifest = write_manifest(tmp_path / "m.csv", ["uri"], [["a.png"]])
-    env = {**os.environ, "BATCHINF_STORE": str(tmp_path / "store")}
-    return subprocess.run([sys.executable, "-m", "batchinf.cli", "submit", manifest,
-                           "--output", str(tmp_path / "out"), *options],
-                          env=env, capture_output=True, text=True, timeout=120)
-
-
 @pytest.mark.parametrize(("options", "says"), [
     (["--outputs", "embeding"], "--outputs embeding: the serving signature of"),
     (["--top-k", "0"], "--top-k 0 writes no predictions"),
 ])
 def test_a_bad_output_is_refused_at_submit_with_exit_2_and_one_line(
         options, says, embedding_model, tmp_path):
-    done = _submit(tmp_path, "--model", embedding_model, *options)
+    done = submit_one_row(tmp_path, "--model", embedding_model, *options)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("batchinf: ") and says in done.stderr
     assert done.stderr.count("\n") == 1
