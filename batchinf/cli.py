@@ -96,6 +96,11 @@ def submit(
         float | None,
         typer.Option(help="CPUs kept decoding for the job [default: 0.5, or 4 per GPU].")
     ] = None,
+    memory_per_replica: Annotated[
+        str | None,
+        typer.Option(help="Memory each replica reserves on its node, e.g. 3GiB [default: "
+                     "estimated from its models' files, input size and the batch size]."),
+    ] = None,
     replica_resources: Annotated[
         str | None,
         typer.Option(help="Custom Ray resources per replica, KEY=VALUE[,KEY=VALUE]: pins "
@@ -158,6 +163,7 @@ def submit(
         "batch_size": batch_size,
         "replicas": replicas, "gpus_per_replica": gpus_per_replica,
         "cpus_per_replica": cpus_per_replica, "decode_cpus": decode_cpus,
+        "memory_per_replica": memory_per_replica,
         "replica_resources": parse_resources(replica_resources) if replica_resources else None,
         "allowed_buckets": [b.strip() for b in allowed_buckets.split(",") if b.strip()]
         if allowed_buckets is not None else None,

@@ -144,6 +144,8 @@ class Client:
         low, high = parse_replicas(values.pop("replicas", 1))
         if "outputs" in values:
             values["outputs"] = parse_outputs(values["outputs"])
+        if "memory_per_replica" in values:
+            values["memory_per_replica"] = parse_size(values["memory_per_replica"])
         if values.get("incremental") and not values.get("name") and values.get("idempotency_key"):
             values["name"] = key_name(str(values["idempotency_key"]))
         for option in ("manifest", "model", "output", "challenger"):
@@ -441,6 +443,22 @@ def parse_replicas(value: int | str | tuple[int, int]) -> tuple[int, int]:
     if not 1 <= lo <= hi:
         raise UsageError(f"--replicas needs 1 <= MIN <= MAX, got {text!r}")
     return lo, hi
+
+
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "kib": 2**10, "m": 1e6, "mb": 1e6,
+               "mib": 2**20, "g": 1e9, "gb": 1e9, "gib": 2**30, "t": 1e12, "tb": 1e12,
+               "tib": 2**40}
+
+
+def parse_size(value: str | int | float, option: str = "--memory-per-replica") -> float:
+    """``"2GiB"``, ``"1500MiB"``, ``"2G"``, ``"800mb"`` or a number of bytes -> bytes."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*", str(value))
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS:
+        raise UsageError(f"{option} takes a size such as 2GiB, 1500MiB or 3G, got {value!r}")
+    return float(match.group(1)) * _SIZE_UNITS[unit]
 
 
 def parse_outputs(value: str | list[str] | tuple[str, ...]) -> list[str]:

@@ -95,6 +95,7 @@ class JobSpec:
     outputs: list[str] = field(default_factory=list)  # signature outputs written as columns
     challenger: str | None = None  # a second model run on the same decoded images (--challenger)
     challenger_version: int | None = None
+    memory_per_replica: float | None = None  # bytes; None: model.replica_memory's estimate
 
     @property
     def output_columns(self) -> dict[str, str]:
@@ -151,6 +152,10 @@ class JobSpec:
                              "spec: submit a spec (jobs/*.yaml), whose name finds that night")
         if self.model_version is not None and self.model_version < 0:
             raise UsageError(f"--model-version must be a version number, got {self.model_version}")
+        if self.memory_per_replica is not None and not (
+                isinstance(self.memory_per_replica, int | float) and self.memory_per_replica > 0):
+            raise UsageError(f"--memory-per-replica must be a size above 0, got "
+                             f"{self.memory_per_replica!r}")
         self._validate_challenger()
 
     def _validate_challenger(self) -> None:

@@ -35,7 +35,7 @@ KEYS = {
     "name", "manifest", "model", "output", "top_k", "batch_size", "replicas", "gpus_per_replica",
     "cpus_per_replica", "decode_cpus", "replica_resources", "model_version", "shard_size",
     "max_error_rate", "priority", "idempotency_key", "include", "drift", "incremental", "outputs",
-    "challenger", "challenger_version",
+    "challenger", "challenger_version", "memory_per_replica",
 }
 _DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 

@@ -58,11 +58,19 @@ def resolve_model(uri: str, version: int | None = None) -> ModelSource:
     )
 
 
-# What a replica holds, reserved as Ray's ``memory`` resource so that placement counts it: the
-# process with TensorFlow imported (its resident size, measured: docs/performance.md), then
-# each model it loads at about twice its SavedModel's bytes (the weights, the restored graph).
-REPLICA_RUNTIME_BYTES = 700 * 2**20
+# What a replica holds, reserved as Ray's ``memory`` resource so that placement counts it
+# (docs/performance.md, "A challenger beside the champion", has what was measured):
+# - the process with TensorFlow and Ray's worker loaded: about 850 MiB resident;
+# - each model it loads: twice its SavedModel's bytes (the restored weights and graph) and
+#   about 100 MiB of kernels and graph state;
+# - a batch's activations, for the larger of its models only (they run one after the other):
+#   about 32 float32 copies of the batch's input pixels (MobileNetV2 at 224x224 and batch 64
+#   peaked near 1.2 GiB of them). A model that takes encoded files is taken as 224x224.
+REPLICA_RUNTIME_BYTES = 850 * 2**20
+MODEL_OVERHEAD_BYTES = 100 * 2**20
 MODEL_BYTES_FACTOR = 2.0
+ACTIVATION_COPIES = 32
+ENCODED_INPUT_PIXELS = 224 * 224
 
 
 def saved_model_bytes(source: ModelSource) -> int:
@@ -73,9 +81,14 @@ def saved_model_bytes(source: ModelSource) -> int:
         raise ModelError(f"cannot read model {source.saved_model_uri}: {exc}") from exc
 
 
-def replica_memory(sources: list[ModelSource]) -> float:
-    """The memory one replica holding ``sources`` (the champion, and a challenger) reserves."""
-    return REPLICA_RUNTIME_BYTES + MODEL_BYTES_FACTOR * sum(saved_model_bytes(s) for s in sources)
+def replica_memory(models: list[tuple[ModelSource, int]], batch_size: int) -> float:
+    """The bytes one replica holding ``models`` (each with its input's pixels per image, 0 for
+    one that takes encoded files) is expected to hold at its peak, for batches of
+    ``batch_size``; the rule is above. ``--memory-per-replica`` replaces it."""
+    loaded = sum(MODEL_BYTES_FACTOR * saved_model_bytes(source) + MODEL_OVERHEAD_BYTES
+                 for source, _ in models)
+    pixels = max((p or ENCODED_INPUT_PIXELS) for _, p in models)
+    return REPLICA_RUNTIME_BYTES + loaded + ACTIVATION_COPIES * batch_size * pixels * 3 * 4
 
 
 def _pick_version(base: str, version: int | None) -> str:

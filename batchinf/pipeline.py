@@ -160,7 +160,11 @@ class JobRunner:
         pool = PredictorPool(
             source, spec, self.job_id, on_wait=self._waiting, should_stop=self._should_stop,
             settings=self.settings, challenger=challenger,
-            memory=replica_memory([source] + ([challenger] if challenger else [])),
+            memory=spec.memory_per_replica or replica_memory(
+                [(source, info.input.height * info.input.width)]
+                + ([(challenger, second.input.height * second.input.width)]
+                   if challenger and second else []),
+                spec.batch_size),
         )
         try:
             reserved = pool.reserve()

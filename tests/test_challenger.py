@@ -15,8 +15,11 @@ from batchinf.decode import InputSpec, decode_batch
 from batchinf.errors import UsageError
 from batchinf.job import CHALLENGER_COLUMNS, JobSpec
 from batchinf.model import (
+    ACTIVATION_COPIES,
     MODEL_BYTES_FACTOR,
+    MODEL_OVERHEAD_BYTES,
     REPLICA_RUNTIME_BYTES,
+    replica_memory,
     resolve_model,
     saved_model_bytes,
 )
@@ -109,13 +112,15 @@ def test_a_job_spec_file_and_the_client_take_a_challenger(tmp_path, image_model,
     client.check(spec)
 
 
-def test_a_challenger_batchinf_cannot_rank_is_refused_atsubmit_one_row(tmp_path, image_model):
+def test_submit_refuses_a_challenger_it_cannot_rank_or_a_bad_size_in_one_line(
+        tmp_path, image_model):
     wrong_labels = make_challenger_model(str(tmp_path / "wrong-labels"))
     (tmp_path / "wrong-labels" / "labels.txt").write_text("red\ngreen\n")
     cases = [
         (["--challenger", str(tmp_path / "nowhere")], 1, "nowhere"),
         (["--challenger", wrong_labels], 1, "labels"),
         (["--challenger-version", "2"], 2, "--challenger-version needs --challenger"),
+        (["--memory-per-replica", "lots"], 2, "a size such as 2GiB"),
         (["--challenger", image_model, "--top-k", "0", "--outputs", "scores"], 2,
          "--top-k 1 or more"),
     ]
@@ -155,6 +160,35 @@ def test_a_replica_reserves_its_memory_and_placement_counts_it():
         plan(small, spec, memory=2 * GiB)
     untold = [NodeView("n0", {"CPU": 4.0}, {"CPU": 4.0})]  # a node type that names no memory
     assert plan(untold, spec, memory=2 * GiB).replicas_now == 3
+
+
+def test_memory_per_replica_takes_a_size_and_a_spec_key(tmp_path, image_model):
+    from batchinf.client import Client, parse_size
+
+    assert parse_size("2GiB") == 2 * GiB and parse_size("1500MiB") == 1500 * 2**20
+    assert parse_size("3G") == 3e9 and parse_size(4096) == 4096
+    with pytest.raises(UsageError, match="a size such as 2GiB"):
+        parse_size("lots")
+    manifest = write_manifest(tmp_path / "m.csv", ["uri"], [["a.png"]])
+    (tmp_path / "spec.yaml").write_text(f"name: big\nmanifest: {manifest}\nmodel: {image_model}\n"
+                                        f"output: {tmp_path}/o\nmemory_per_replica: 6GiB\n")
+    client = Client(str(tmp_path / "store"))
+    assert client.build_spec(str(tmp_path / "spec.yaml")).memory_per_replica == 6 * GiB
+    with pytest.raises(UsageError, match="--memory-per-replica must be a size above 0"):
+        client.build_spec(manifest, model=image_model, output=str(tmp_path / "o"),
+                          memory_per_replica="0GiB")
+
+
+def test_the_memory_estimate_follows_the_models_and_the_batch(tmp_path, image_model):
+    source = resolve_model(image_model)
+    files = MODEL_BYTES_FACTOR * saved_model_bytes(source) + MODEL_OVERHEAD_BYTES
+    one = replica_memory([(source, 224 * 224)], 64)
+    assert one == pytest.approx(REPLICA_RUNTIME_BYTES + files + ACTIVATION_COPIES * 64 * 224 * 224 * 12)
+    assert 1.9 * GiB < one < 2.3 * GiB  # MobileNetV2 at batch 64 peaked at 2,016 MB here
+    two = replica_memory([(source, 224 * 224), (source, 32 * 32)], 64)
+    assert two == pytest.approx(one + files)  # the models run one after the other
+    assert replica_memory([(source, 0)], 64) == one  # encoded files: taken as 224x224
+    assert replica_memory([(source, 224 * 224)], 128) > one
 
 
 # -- whole jobs on Ray -------------------------------------------------------------------------
@@ -198,7 +232,9 @@ def test_a_job_with_a_challenger_writes_both_models_top_k_side_by_side(
     assert set(speed) == {"champion", "challenger"}
     assert all(s["model_seconds"] > 0 and s["images_per_model_second"] > 0 for s in speed.values())
     both = [resolve_model(image_model), resolve_model(challenger_model)]
-    expected = REPLICA_RUNTIME_BYTES + MODEL_BYTES_FACTOR * sum(saved_model_bytes(s) for s in both)
+    activations = ACTIVATION_COPIES * 4 * CHALLENGER_SIZE**2 * 3 * 4  # the larger input, batch 4
+    expected = (REPLICA_RUNTIME_BYTES + activations + 2 * MODEL_OVERHEAD_BYTES
+                + MODEL_BYTES_FACTOR * sum(saved_model_bytes(s) for s in both))
     assert summary["resources"]["replica_memory"] == pytest.approx(expected)
 
 

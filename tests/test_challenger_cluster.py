@@ -9,7 +9,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from batchinf.job import JobSpec, JobState
-from batchinf.model import REPLICA_RUNTIME_BYTES
 from tests.cluster import LocalCluster, served_store
 from tests.conftest import COLOURS, until, write_manifest
 from tests.models import (
@@ -19,9 +18,9 @@ from tests.models import (
     write_solid_image,
 )
 
-# Each worker has room for one replica holding both test models (700 MiB of runtime and a few
-# kB of SavedModel) and CPUs for more: only the memory reservation keeps a second one off it.
-WORKER_MEMORY = int(1.2 * REPLICA_RUNTIME_BYTES)
+# Each worker has room for one replica (the job asks 1 GiB each) and CPUs for more: only
+# the memory reservation keeps a second one off it.
+WORKER_MEMORY = int(1.5 * 2**30)
 
 
 @pytest.fixture(scope="module")
@@ -46,12 +45,13 @@ def test_on_a_cluster_replicas_hold_both_models_and_their_memory_places_them(
     with served_store(cluster, str(tmp_path / "store"), {}) as store:
         job, _ = store.create(JobSpec(manifest, image_model, str(tmp_path / "out"), top_k=2,
                                       batch_size=8, shard_size=16, replicas_min=2, replicas_max=4,
-                                      challenger=challenger_model, challenger_version=1))
+                                      challenger=challenger_model, challenger_version=1,
+                                      memory_per_replica=2**30))
         done = until(lambda: (j := store.get(job.job_id)).state.terminal and j, 300)
     assert done.state is JobState.SUCCEEDED, done.error
     plan = done.summary["resources"]
     # 4 replicas of 0.5 CPU would fit on the CPUs; the memory holds one a worker
-    assert plan["replicas_now"] == 2 and plan["replica_memory"] > WORKER_MEMORY / 2
+    assert plan["replicas_now"] == 2 and plan["replica_memory"] == 2**30
     assert sorted(v.count("replica") for v in plan["placement"].values()) == [1, 1]
     rows = pq.read_table(str(tmp_path / "out")).to_pylist()
     assert len(rows) == len(COLOURS) * 10 + 1
