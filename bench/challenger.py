@@ -10,7 +10,13 @@ local embedded Ray (no ``--address``: start-up, model load and exit included), w
 - ``pair``: one job with ``--challenger C``: each image fetched and decoded once, both models in
   each replica (``ChampionChallenger``);
 - ``two jobs``: the champion's job, then the challenger's, timed together (the sum of the two
-  whole commands, run back to back).
+  whole commands). The champion's job is the same command as ``alone``, so that repeat's
+  ``alone`` run serves as it, followed by the challenger's job; ``--separate-champion`` runs
+  it again on its own.
+
+Order within a repeat: alone, then per case the challenger's job and the pair. No idle
+detector: on a machine shared with others' Ray tests a job can get well under half a core for
+minutes and still be working; ``--timeout`` ends a run that takes too long.
 
 The challenger of the ``same`` case is the same architecture built with another seed, in its own
 folder; the ``--other`` case (default ``tiny``: the mean-colour model at 32x32, another input
@@ -20,8 +26,8 @@ Beside the whole command's wall time, CPU and tree memory (``bench.measure.run_m
 sampler reads the replica process itself: the processes whose title starts with
 ``ray::Predictor`` or ``ray::ChampionChallenger`` and whose environment carries this run's
 ``BATCHINF_STORE`` (others on the machine run their own replicas): its peak RSS (every
-0.25 s) and PSS (each replica's ``smaps`` at most once a second), next to ``resources.replica_memory``, the bytes the
-job reserved for it. Prints the table of medians and writes ``<out>/challenger-<timestamp>.json``.
+0.25 s) and PSS (each replica's ``smaps`` at most once a second), next to
+``resources.replica_memory``, the bytes the job reserved for it. Prints the table of medians and writes ``<out>/challenger-<timestamp>.json``.
 """
 
 from __future__ import annotations
@@ -150,7 +156,7 @@ def submit(manifest: str, model: str, challenger: str | None, work: Path, label:
     sampler.start()
     try:
         measured: Measurement = run_measured(argv, env, work / "logs" / f"{label}.log",
-                                             timeout=timeout, idle_timeout=120.0,
+                                             timeout=timeout, idle_timeout=0,
                                              cwd=str(PROJECT_ROOT))
     finally:
         sampler.stop()
@@ -178,17 +184,20 @@ def submit(manifest: str, model: str, challenger: str | None, work: Path, label:
 
 
 def run_case(name: str, manifest: str, champion: str, challenger: str, work: Path, rep: int,
-             timeout: float) -> dict[str, dict[str, Any]]:
-    """One repeat of the pair and the two separate jobs (``alone`` is shared by the cases)."""
-    pair = submit(manifest, champion, challenger, work, f"{name}-pair-r{rep}", timeout)
-    first = submit(manifest, champion, None, work, f"{name}-two-champion-r{rep}", timeout)
+             timeout: float, alone: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+    """One repeat of the two separate jobs and the pair. The champion's job of the two is
+    ``alone`` (this repeat's champion-alone run, the same command) unless that is None."""
+    first = alone or submit(manifest, champion, None, work, f"{name}-two-champion-r{rep}",
+                            timeout)
     second = submit(manifest, challenger, None, work, f"{name}-two-challenger-r{rep}", timeout)
+    pair = submit(manifest, champion, challenger, work, f"{name}-pair-r{rep}", timeout)
     both_ok = first["status"] == second["status"] == "ok"
     two = {
         "label": f"{name}-two-r{rep}", "status": "ok" if both_ok else "failed",
         "wall_seconds": round(first["wall_seconds"] + second["wall_seconds"], 3),
         "cpu_seconds": round(first["cpu_seconds"] + second["cpu_seconds"], 3),
         "other_cores": max(first["other_cores"], second["other_cores"]),
+        "champion_job_is_alone_run": alone is not None,
         "champion_job": first, "challenger_job": second,
     }
     return {"pair": pair, "two jobs": two}
@@ -242,6 +251,8 @@ def summarize(runs: dict[str, list[dict[str, Any]]], cases: list[str]) -> list[d
             _row(case, "  challenger's", seconds, [r for r in seconds if r["status"] == "ok"]),
         ]
         rows[-3]["images_per_s"] = None  # two jobs: each job's own is on the next two rows
+        if all(r.get("champion_job_is_alone_run") for r in two):
+            del rows[-2]  # the champion's job is the alone row
     return rows
 
 
@@ -308,6 +319,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="seed of the same-architecture challenger (the champion's is 0)")
     p.add_argument("--other", default="tiny",
                    help="a second case's challenger, another architecture ('none': skip it)")
+    p.add_argument("--separate-champion", action="store_true",
+                   help="run the champion's job of the two jobs on its own, not reuse the "
+                        "repeat's champion-alone run (the same command)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--out", default="bench/results")
     p.add_argument("--cache", default=None, help="image and model cache (default <out>/cache)")
@@ -335,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
         runs["alone"].append(submit(ctx.manifest, ctx.model, None, work, f"alone-r{rep}",
                                     args.timeout))
         for case, challenger in challengers.items():
+            alone = None if args.separate_champion else runs["alone"][-1]
             for kind, row in run_case(case, ctx.manifest, ctx.model, challenger, work, rep,
-                                      args.timeout).items():
+                                      args.timeout, alone).items():
                 runs.setdefault(f"{case}:{kind}", []).append(row)
         done = {k: f"{v[-1]['wall_seconds']:.1f}s {v[-1]['status']}" for k, v in runs.items()}
         print(f"repeat {rep + 1}/{args.repeats}: {done}", flush=True)
