@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -141,7 +142,7 @@ def saved_model_bytes(base: str) -> int:
 
 
 def submit(manifest: str, model: str, challenger: str | None, work: Path, label: str,
-           timeout: float) -> dict[str, Any]:
+           timeout: float, options: str = "") -> dict[str, Any]:
     """One whole ``batchinf submit --wait --json`` in its own store, measured from outside."""
     out, store = work / label, work / f"{label}-store"
     for path in (out, store):
@@ -149,7 +150,7 @@ def submit(manifest: str, model: str, challenger: str | None, work: Path, label:
     store.mkdir(parents=True)
     argv = [str(Path(sys.executable).with_name("batchinf")), "submit", manifest, "--model", model,
             *(["--challenger", challenger] if challenger else []),
-            "--output", str(out), "--wait", "--json"]
+            "--output", str(out), "--wait", "--json", *shlex.split(options)]
     env = {k: v for k, v in _child_env({"BATCHINF_STORE": str(store)}).items()
            if k != "RAY_ADDRESS"}
     sampler = ReplicaSampler(str(store))
@@ -184,13 +185,15 @@ def submit(manifest: str, model: str, challenger: str | None, work: Path, label:
 
 
 def run_case(name: str, manifest: str, champion: str, challenger: str, work: Path, rep: int,
-             timeout: float, alone: dict[str, Any] | None) -> dict[str, dict[str, Any]]:
+             timeout: float, alone: dict[str, Any] | None,
+             options: str = "") -> dict[str, dict[str, Any]]:
     """One repeat of the two separate jobs and the pair. The champion's job of the two is
     ``alone`` (this repeat's champion-alone run, the same command) unless that is None."""
     first = alone or submit(manifest, champion, None, work, f"{name}-two-champion-r{rep}",
-                            timeout)
-    second = submit(manifest, challenger, None, work, f"{name}-two-challenger-r{rep}", timeout)
-    pair = submit(manifest, champion, challenger, work, f"{name}-pair-r{rep}", timeout)
+                            timeout, options)
+    second = submit(manifest, challenger, None, work, f"{name}-two-challenger-r{rep}", timeout,
+                    options)
+    pair = submit(manifest, champion, challenger, work, f"{name}-pair-r{rep}", timeout, options)
     both_ok = first["status"] == second["status"] == "ok"
     two = {
         "label": f"{name}-two-r{rep}", "status": "ok" if both_ok else "failed",
@@ -327,6 +330,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--cache", default=None, help="image and model cache (default <out>/cache)")
     p.add_argument("--seed", type=int, default=0, help="the images' seed")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds a run may take")
+    p.add_argument("--submit", default="",
+                   help="more submit options for every run, one string (e.g. '--batch-size 16')")
     return p.parse_args(argv)
 
 
@@ -347,11 +352,11 @@ def main(argv: list[str] | None = None) -> int:
     runs: dict[str, list[dict[str, Any]]] = {"alone": []}
     for rep in range(args.repeats):
         runs["alone"].append(submit(ctx.manifest, ctx.model, None, work, f"alone-r{rep}",
-                                    args.timeout))
+                                    args.timeout, args.submit))
         for case, challenger in challengers.items():
             alone = None if args.separate_champion else runs["alone"][-1]
             for kind, row in run_case(case, ctx.manifest, ctx.model, challenger, work, rep,
-                                      args.timeout, alone).items():
+                                      args.timeout, alone, args.submit).items():
                 runs.setdefault(f"{case}:{kind}", []).append(row)
         done = {k: f"{v[-1]['wall_seconds']:.1f}s {v[-1]['status']}" for k, v in runs.items()}
         print(f"repeat {rep + 1}/{args.repeats}: {done}", flush=True)
