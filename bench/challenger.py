@@ -27,7 +27,8 @@ sampler reads the replica process itself: the processes whose title starts with
 ``ray::Predictor`` or ``ray::ChampionChallenger`` and whose environment carries this run's
 ``BATCHINF_STORE`` (others on the machine run their own replicas): its peak RSS (every
 0.25 s) and PSS (each replica's ``smaps`` at most once a second), next to
-``resources.replica_memory``, the bytes the job reserved for it. Prints the table of medians and writes ``<out>/challenger-<timestamp>.json``.
+``resources.replica_memory``, the bytes the job reserved for it. Prints the table of medians
+and writes ``<out>/challenger-<timestamp>.json``.
 """
 
 from __future__ import annotations
