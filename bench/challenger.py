@@ -279,8 +279,9 @@ def memory_check(rows: list[dict[str, Any]], model_mb: dict[str, float],
     for case in ("same", "other"):
         pair = peak(case, "pair")
         if pair is not None and alone is not None and model_mb.get(case):
-            check[f"{case}: RSS the challenger adds to a replica, MB"] = round(pair - alone, 1)
-            check[f"{case}: that over its SavedModel MB"] = round((pair - alone) / model_mb[case], 2)
+            added = pair - alone
+            check[f"{case}: RSS the challenger adds to a replica, MB"] = round(added, 1)
+            check[f"{case}: that over its SavedModel MB"] = round(added / model_mb[case], 2)
     runtime = peak("other", "  challenger's")
     if other in ("tiny", "trivial") and runtime is not None and alone is not None:
         # a replica of a model that weighs next to nothing: the runtime alone
