@@ -42,10 +42,10 @@ def test_stored_keys_are_pinned_so_old_records_stay_readable() -> None:
         "rows_total", "runner", "spec", "started_at", "state", "summary", "updated_at", "waiting",
     ]  # fmt: skip
     assert sorted(data["spec"]) == [
-        "allowed_buckets", "batch_size", "cpus_per_replica", "decode_cpus", "gpus_per_replica",
-        "idempotency_key", "include", "incremental", "manifest", "max_drift_psi",
-        "max_error_rate", "model", "model_version", "name", "output", "outputs", "priority",
-        "replica_resources",
+        "allowed_buckets", "batch_size", "challenger", "challenger_version", "cpus_per_replica",
+        "decode_cpus", "gpus_per_replica", "idempotency_key", "include", "incremental",
+        "manifest", "max_drift_psi", "max_error_rate", "memory_per_replica", "model",
+        "model_version", "name", "output", "outputs", "priority", "replica_resources",
         "replicas_max", "replicas_min", "shard_size", "top_k",
     ]  # fmt: skip
 
