@@ -67,14 +67,15 @@ case "$tier" in
     unit) run unit_tier "$@" || failed=1 ;;
     "")  # every tier: the unit tier in parallel; then the tiers that start Ray side by side with
         # the deploy tier (pip installs and validators, no Ray): they wait far more than they
-        # compute. The cluster tier runs in its own pytest process, one test at a time; the ray
-        # tier in 2 (pytest-xdist, a test file whole in one of them, so its module fixtures
-        # start once), each with its own session Ray head on free ports.
+        # compute. Each of the two runs in its own pytest process with 2 xdist workers; a test
+        # file runs whole in one worker (its module and class fixtures start once), and each
+        # worker has its own session fixtures (Ray head on free ports, S3 server).
         deploy_log=$(mktemp) cluster_log=$(mktemp)
         run unit_tier "$@" || failed=1
         run .venv/bin/python -m pytest -q -m deploy -p no:cacheprovider "$@" >"$deploy_log" 2>&1 &
         deploy=$!
-        run .venv/bin/python -m pytest -q -m cluster -p no:cacheprovider "$@" >"$cluster_log" 2>&1 &
+        run .venv/bin/python -m pytest -q -m cluster -n 2 --dist loadfile -p no:cacheprovider "$@" \
+            >"$cluster_log" 2>&1 &
         cluster=$!
         run .venv/bin/python -m pytest -q -m ray -n 2 --dist loadfile -p no:cacheprovider "$@" || failed=1
         report cluster "$cluster" "$cluster_log" || failed=1
