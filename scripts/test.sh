@@ -67,17 +67,16 @@ case "$tier" in
     unit) run unit_tier "$@" || failed=1 ;;
     "")  # every tier: the unit tier in parallel; then the tiers that start Ray side by side with
         # the deploy tier (pip installs and validators, no Ray): they wait far more than they
-        # compute. Each of the two runs in its own pytest process with 2 xdist workers; a test
-        # file runs whole in one worker (its module and class fixtures start once), and each
-        # worker has its own session fixtures (Ray head on free ports, S3 server).
+        # compute. Each runs in its own pytest process, one test at a time, with its own session
+        # fixtures (a Ray head on free ports, an S3 server). More processes than these (xdist
+        # workers) made the two cores the limit and timed tests fail: docs/testing.md.
         deploy_log=$(mktemp) cluster_log=$(mktemp)
         run unit_tier "$@" || failed=1
         run .venv/bin/python -m pytest -q -m deploy -p no:cacheprovider "$@" >"$deploy_log" 2>&1 &
         deploy=$!
-        run .venv/bin/python -m pytest -q -m cluster -n 2 --dist loadfile -p no:cacheprovider "$@" \
-            >"$cluster_log" 2>&1 &
+        run .venv/bin/python -m pytest -q -m cluster -p no:cacheprovider "$@" >"$cluster_log" 2>&1 &
         cluster=$!
-        run .venv/bin/python -m pytest -q -m ray -n 2 --dist loadfile -p no:cacheprovider "$@" || failed=1
+        run .venv/bin/python -m pytest -q -m ray -p no:cacheprovider "$@" || failed=1
         report cluster "$cluster" "$cluster_log" || failed=1
         report deploy "$deploy" "$deploy_log" || failed=1 ;;
     *) run .venv/bin/python -m pytest -q -m "$tier" "$@" || failed=1 ;;
