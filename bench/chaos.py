@@ -11,7 +11,9 @@ local files and half all on S3, then injects ``--faults`` faults from a seeded s
 kinds of ``--kinds`` in a shuffled cycle, ``--gap`` seconds apart, each on a job mid-way
 (``bench/chaosfaults.py``). After each fault it waits for the next part file committed by a job
 the fault hit: that time is the fault's recovery. The schedule (kinds, gaps, targets among
-those fit) is the seed's; when each fault lands depends on the machine.
+those fit) is the seed's; when each fault lands depends on the machine. With ``--hold-first``
+the first jobs to run end in rows the model holds at a gate (``tests/models.py``) until the
+first fault has been injected: whatever the machine's speed, that fault lands while they run.
 
 At the end every job must have SUCCEEDED with each manifest row exactly once in its Parquet
 parts (read back with pyarrow) and no error row: the images are all valid, so any error row was
@@ -67,6 +69,9 @@ class ChaosConfig:
     worker_cpus: int = 2
     max_running: int = 2
     netns: bool = False  # forced on by node-cut
+    # The first ``max_running`` jobs end in 30 % of rows held at a gate until the first fault
+    # of the schedule has been injected (or skipped): it cannot miss them by their ending.
+    hold_first: bool = False
     knobs: dict[str, str] = field(default_factory=lambda: dict(KNOBS))
 
 
@@ -80,15 +85,17 @@ def run_chaos(config: ChaosConfig, work: str | None = None) -> dict[str, Any]:
     work = work or tempfile.mkdtemp(prefix="bi-chaos-", dir="/tmp")
     rig_config = RigConfig(workers=config.workers, worker_cpus=config.worker_cpus,
                            netns=config.netns or "node-cut" in config.kinds,
-                           max_running=config.max_running, knobs=config.knobs)
+                           max_running=config.max_running, knobs=config.knobs,
+                           gated=config.hold_first)
     started = time.time()
     faults: list[Fault] = []
     skipped: list[dict[str, Any]] = []
+    released: list[float] = []  # when the held rows were let go
     try:
         with Rig(work, rig_config) as rig:
             ready_s = time.time() - started
             _submit(rig, config, rng)
-            _inject(rig, config, rng, faults, skipped)
+            _inject(rig, config, rng, faults, skipped, released)
             _wait_all(rig, started + config.timeout_s)
             jobs = [_check(rig, job) for job in rig.jobs]
             extra = {"dispatcher_starts": rig.dispatcher_starts,
@@ -101,7 +108,8 @@ def run_chaos(config: ChaosConfig, work: str | None = None) -> dict[str, Any]:
         "config": {**asdict(config), "kinds": list(config.kinds)},
         "started_at": started, "seconds": time.time() - started, "setup_seconds": ready_s,
         "faults": [f.to_dict() for f in faults], "skipped": skipped, "jobs": jobs,
-        "by_kind": summarise(faults), "totals": totals(jobs, faults), **extra,
+        "by_kind": summarise(faults), "totals": totals(jobs, faults),
+        "held_until": released[0] if released else None, **extra,
     }
 
 
@@ -109,7 +117,8 @@ def _submit(rig: Rig, config: ChaosConfig, rng: random.Random) -> None:
     """``--jobs`` jobs, local and S3 in turn, of a seeded number of rows each."""
     for i in range(config.jobs):
         rows = rng.randint(*config.rows)
-        rig.submit(f"j{i:03d}", rows, s3=i % 2 == 1, batch_size=config.batch_size,
+        held = rows * 3 // 10 if config.hold_first and i < config.max_running else 0
+        rig.submit(f"j{i:03d}", rows, s3=i % 2 == 1, held=held, batch_size=config.batch_size,
                    shard_size=config.shard_size, cpus_per_replica=0.5, decode_cpus=0.5)
 
 
@@ -124,28 +133,47 @@ def schedule(kinds: tuple[str, ...], count: int, rng: random.Random) -> list[str
 
 
 def _inject(rig: Rig, config: ChaosConfig, rng: random.Random, faults: list[Fault],
-            skipped: list[dict[str, Any]]) -> None:
+            skipped: list[dict[str, Any]], released: list[float]) -> None:
     """The schedule, fault after fault. A fault does not wait for the one before to recover,
-    but a job is not a target again until it has (``Rig.recovering``)."""
-    watchers = []
-    for kind in schedule(config.kinds, config.faults, rng):
-        time.sleep(rng.uniform(*config.gap_s))
-        if rig.all_ended():
-            skipped.append({"kind": kind, "why": "every job had ended"})
-            continue
-        fault = _land(rig, kind, rng, config.target_wait_s)
-        if isinstance(fault, str):
-            skipped.append({"kind": kind, "why": fault})
-            _say(f"{kind} skipped: {fault}")
-            continue
-        faults.append(fault)
-        _say(f"{fault.kind} on {fault.target} (jobs {', '.join(fault.affected)})")
-        rig.hit(fault.affected)
-        watcher = threading.Thread(target=_recover, args=(rig, fault, config.recovery_timeout_s))
-        watcher.start()
-        watchers.append(watcher)
+    but a job is not a target again until it has (``Rig.recovering``). Held rows (a gated
+    rig) are let go once the first fault has been injected or skipped."""
+    watchers: list[threading.Thread] = []
+    try:
+        for kind in schedule(config.kinds, config.faults, rng):
+            time.sleep(rng.uniform(*config.gap_s))
+            _inject_one(rig, config, rng, kind, faults, skipped, watchers)
+            _release(rig, released)
+    finally:
+        _release(rig, released)
     for watcher in watchers:
         watcher.join()
+
+
+def _release(rig: Rig, released: list[float]) -> None:
+    """Open the gate that holds the held rows, if the rig has one still closed."""
+    if rig.hold is not None and not rig.hold.is_open:
+        rig.hold.open()
+        released.append(time.time())
+        _say("held rows let go")
+
+
+def _inject_one(rig: Rig, config: ChaosConfig, rng: random.Random, kind: str,
+                faults: list[Fault], skipped: list[dict[str, Any]],
+                watchers: list[threading.Thread]) -> None:
+    if rig.all_ended():
+        skipped.append({"kind": kind, "why": "every job had ended"})
+        return
+    fault = _land(rig, kind, rng, config.target_wait_s)
+    if isinstance(fault, str):
+        skipped.append({"kind": kind, "why": fault})
+        _say(f"{kind} skipped: {fault}")
+        return
+    faults.append(fault)
+    _say(f"{fault.kind} on {fault.target} (jobs {', '.join(fault.affected)})")
+    rig.hit(fault.affected)
+    watcher = threading.Thread(target=_recover, args=(rig, fault, config.recovery_timeout_s))
+    watcher.start()
+    watchers.append(watcher)
 
 
 def _recover(rig: Rig, fault: Fault, timeout_s: float) -> None:
@@ -221,7 +249,7 @@ def _check(rig: Rig, job: ChaosJob) -> dict[str, Any]:
     doubled = sum(count - 1 for count in seen.values() if count > 1)
     stray = sum(count for n, count in seen.items() if not 0 <= n < job.rows)
     return {
-        "name": job.name, "job_id": job.job_id, "s3": job.s3, "rows": job.rows,
+        "name": job.name, "job_id": job.job_id, "s3": job.s3, "rows": job.rows, "held": job.held,
         "state": record.state.value, "attempts": record.attempt,
         "attempt_reasons": [a.get("reason") for a in record.attempts],
         "rows_lost": lost, "rows_doubled": doubled + stray, "error_rows": dict(errors),
@@ -313,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recovery-timeout", type=float, default=300.0)
     parser.add_argument("--timeout", type=float, default=3600.0)
     parser.add_argument("--netns", action="store_true", help="worker nodes in network namespaces")
+    parser.add_argument("--hold-first", action="store_true",
+                        help="the first jobs wait at a gate until the first fault has landed")
     parser.add_argument("--out", default="bench/results")
     parser.add_argument("--work", help="keep the run's files here (store, outputs, logs)")
     args = parser.parse_args(argv)
@@ -322,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
                          rows=_pair(args.rows, int), shard_size=args.shard_size,
                          batch_size=args.batch_size, gap_s=_pair(args.gap, float),
                          workers=args.workers, recovery_timeout_s=args.recovery_timeout,
-                         timeout_s=args.timeout, netns=args.netns)
+                         timeout_s=args.timeout, netns=args.netns, hold_first=args.hold_first)
     result = run_chaos(config, args.work)
     result["command"] = " ".join(["python -m bench.chaos", *(argv or sys.argv[1:])])
     result["code"] = code_version()

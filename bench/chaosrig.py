@@ -38,7 +38,7 @@ from bench.chaosproxy import LaunchGate, Relay
 from bench.faultproxy import FaultProxy
 from bench.netns import TestNet
 from tests.cluster import LocalCluster, Node, kill_all
-from tests.models import make_image_model, write_solid_image
+from tests.models import GATE_COLOURS, Gate, make_gated_model, make_image_model, write_solid_image
 
 PART = re.compile(r"^part-\d{5,}\.parquet$")
 S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -52,6 +52,7 @@ class RigConfig:
     netns: bool = False  # every worker node in its own network namespace
     max_running: int = 2  # the dispatcher's --max-running
     images: int = 64  # distinct small PNGs the manifests repeat
+    gated: bool = False  # the model is the gated test model, held by ``Rig.hold`` (closed)
     knobs: dict[str, str] = field(default_factory=dict)  # BATCHINF_* for dispatcher and nodes
 
 
@@ -64,6 +65,7 @@ class ChaosJob:
     output: str
     rows: int
     s3: bool
+    held: int = 0  # its last rows, held at ``Rig.hold`` until it opens
 
 
 class Rig:
@@ -86,6 +88,7 @@ class Rig:
         self._supervising: threading.Thread | None = None
         self.recovering: Counter[str] = Counter()  # jobs hit by faults not yet recovered from
         self.cluster_lock = threading.RLock()  # one change of the cluster at a time
+        self.hold: Gate | None = None  # with ``gated``: holds rows of its picture until opened
 
     # -- start and stop --------------------------------------------------------------------
 
@@ -133,6 +136,8 @@ class Rig:
     def close(self) -> None:
         """Stop everything this rig started, even after a failure halfway."""
         self._closing.set()
+        if self.hold is not None:
+            self.hold.open()
         self._supervise.clear()
         if self._supervising is not None:  # so that it starts no dispatcher after this
             self._supervising.join(timeout=30)
@@ -292,7 +297,13 @@ class Rig:
             path = write_solid_image(os.path.join(folder, f"{i}.png"), ((i * 37) % 256, 90, 30))
             with open(path, "rb") as f:
                 s3.put_object(Bucket=self.bucket, Key=f"img/{i}.png", Body=f.read())
-        self.model = make_image_model(os.path.join(self.work, "model"))
+        if self.config.gated:  # the same scores; rows of the gate's picture wait for it
+            self.hold = Gate(os.path.join(self.work, "hold"), GATE_COLOURS[0])
+            with open(self.hold.image, "rb") as f:
+                s3.put_object(Bucket=self.bucket, Key="img/hold.png", Body=f.read())
+            self.model = make_gated_model(os.path.join(self.work, "model"), (self.hold,))
+        else:
+            self.model = make_image_model(os.path.join(self.work, "model"))
         for root, _, files in os.walk(self.model):
             for name in files:
                 path = os.path.join(root, name)
@@ -300,12 +311,24 @@ class Rig:
                 with open(path, "rb") as f:
                     s3.put_object(Bucket=self.bucket, Key=key, Body=f.read())
 
-    def submit(self, name: str, rows: int, s3: bool, **options: Any) -> ChaosJob:
-        """A job of ``rows`` rows (column ``n`` numbers them) on local files or all on S3."""
+    def submit(self, name: str, rows: int, s3: bool, held: int = 0, **options: Any) -> ChaosJob:
+        """A job of ``rows`` rows (column ``n`` numbers them) on local files or all on S3; its
+        last ``held`` rows are the picture of ``hold`` (a gated rig), which the model holds
+        until the gate opens: until then the job cannot end."""
+        held_uri = ""
+        if held:
+            if self.hold is None:
+                raise ValueError("held rows need a gated rig (RigConfig.gated)")
+            held_uri = f"s3://{self.bucket}/img/hold.png" if s3 else self.hold.image
         lines = ["uri,n"]
         for n in range(rows):
             i = n % self.config.images
-            where = f"s3://{self.bucket}/img/{i}.png" if s3 else os.path.join(self.work, "img", f"{i}.png")
+            if n >= rows - held:
+                where = held_uri
+            elif s3:
+                where = f"s3://{self.bucket}/img/{i}.png"
+            else:
+                where = os.path.join(self.work, "img", f"{i}.png")
             lines.append(f"{where},{n}")
         text = "\n".join(lines) + "\n"
         if s3:
@@ -319,7 +342,7 @@ class Rig:
                 f.write(text)
             model, output = self.model, os.path.join(self.work, "out", name)
         job, _ = self.store.create(JobSpec(manifest, model, output, **options))
-        chaos_job = ChaosJob(name, job.job_id, output, rows, s3)
+        chaos_job = ChaosJob(name, job.job_id, output, rows, s3, held)
         with self._lock:
             self.jobs.append(chaos_job)
         return chaos_job

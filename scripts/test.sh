@@ -51,19 +51,34 @@ unit_tier() {
 # pytest's exit 5 (nothing collected: arguments that name no test of a tier) is no failure.
 run() { "$@" || { local status=$?; [[ $status -eq 5 ]] || return "$status"; }; }
 
+# The end of a tier run beside the others (its pid, its output in a file): its summary line,
+# or its whole output when it failed.
+report() {
+    local name=$1 pid=$2 log=$3 status=0
+    wait "$pid" || status=$?
+    echo "--- the $name tier, run beside:"
+    if [[ $status -eq 0 ]]; then tail -n 1 "$log"; else cat "$log"; fi
+    rm -f "$log"
+    return "$status"
+}
+
 failed=0
 case "$tier" in
     unit) run unit_tier "$@" || failed=1 ;;
-    "")  # every tier: the unit tier in parallel; then the deploy tier (pip installs and
-        # validators, no Ray) beside the tiers that start Ray, which run one test at a time
-        deploy_log=$(mktemp)
+    "")  # every tier: the unit tier in parallel; then the tiers that start Ray side by side with
+        # the deploy tier (pip installs and validators, no Ray): they wait far more than they
+        # compute. Each runs in its own pytest process, one test at a time, with its own session
+        # fixtures (a Ray head on free ports, an S3 server). More processes than these (xdist
+        # workers) made the two cores the limit and timed tests fail: docs/testing.md.
+        deploy_log=$(mktemp) cluster_log=$(mktemp)
         run unit_tier "$@" || failed=1
         run .venv/bin/python -m pytest -q -m deploy -p no:cacheprovider "$@" >"$deploy_log" 2>&1 &
         deploy=$!
-        run .venv/bin/python -m pytest -q -m "ray or cluster" "$@" || failed=1
-        echo "--- the deploy tier, run beside them:"
-        wait "$deploy" && tail -n 1 "$deploy_log" || { failed=1; cat "$deploy_log"; }
-        rm -f "$deploy_log" ;;
+        run .venv/bin/python -m pytest -q -m cluster -p no:cacheprovider "$@" >"$cluster_log" 2>&1 &
+        cluster=$!
+        run .venv/bin/python -m pytest -q -m ray -p no:cacheprovider "$@" || failed=1
+        report cluster "$cluster" "$cluster_log" || failed=1
+        report deploy "$deploy" "$deploy_log" || failed=1 ;;
     *) run .venv/bin/python -m pytest -q -m "$tier" "$@" || failed=1 ;;
 esac
 exit "$failed"
