@@ -128,6 +128,8 @@ class JobRunner:
         challenger = (resolve_model(spec.challenger, spec.challenger_version)
                       if spec.challenger else None)
         second = inspect(challenger) if challenger else None
+        # each model the replicas hold, with what it takes (pixels at its size, or files)
+        fed = [(source, info.input)] + ([(challenger, second.input)] if challenger and second else [])
         self._rows = manifest.open_manifest(spec.manifest, spec.include, output=spec.output,
                                             job_id=self.job_id)
         columns = self._rows.check()
@@ -161,10 +163,7 @@ class JobRunner:
             source, spec, self.job_id, on_wait=self._waiting, should_stop=self._should_stop,
             settings=self.settings, challenger=challenger,
             memory=spec.memory_per_replica or replica_memory(
-                [(source, info.input.height * info.input.width)]
-                + ([(challenger, second.input.height * second.input.width)]
-                   if challenger and second else []),
-                spec.batch_size),
+                [(model, given.height * given.width) for model, given in fed], spec.batch_size),
         )
         try:
             reserved = pool.reserve()
@@ -184,8 +183,8 @@ class JobRunner:
                     decode_policy, second.input if second else None)
 
             self._decode = decode
-            inputs = (info.input, second.input) if second else (info.input,)
-            self._prefetch = _prefetch_batches(inputs, spec.batch_size, reserved.max_in_flight,
+            self._prefetch = _prefetch_batches(tuple(given for _, given in fed), spec.batch_size,
+                                               reserved.max_in_flight,
                                                self.settings.prefetch_mb)
             cancelled = self._stream(pool, committed, progress)
             if not cancelled:  # a cancelled replica's queue may still hold batches: don't wait
