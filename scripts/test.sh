@@ -51,6 +51,24 @@ unit_tier() {
 # pytest's exit 5 (nothing collected: arguments that name no test of a tier) is no failure.
 run() { "$@" || { local status=$?; [[ $status -eq 5 ]] || return "$status"; }; }
 
+# How each tier runs. The tiers that start Ray wait far more than they compute (Ray and node
+# starts, model loads, node deaths and re-plans), so each runs in two processes (pytest-xdist),
+# a test file to a process (--dist loadfile: a file's module and class fixtures, its clusters,
+# start once), each process with its own session fixtures (a Ray head on free ports, an S3
+# server). More processes, or the two tiers side by side, made the two cores the limit and
+# slowed every test: docs/testing.md.
+tier_args() {
+    case "$1" in
+        ray|cluster) echo "-n 2 --dist loadfile" ;;
+        *) echo "" ;;
+    esac
+}
+tier() {
+    local name=$1; shift
+    # shellcheck disable=SC2046  # tier_args is a list of words
+    run .venv/bin/python -m pytest -q -m "$name" -p no:cacheprovider $(tier_args "$name") "$@"
+}
+
 # The end of a tier run beside the others (its pid, its output in a file): its summary line,
 # or its whole output when it failed.
 report() {
@@ -65,20 +83,15 @@ report() {
 failed=0
 case "$tier" in
     unit) run unit_tier "$@" || failed=1 ;;
-    "")  # every tier: the unit tier in parallel; then the tiers that start Ray side by side with
-        # the deploy tier (pip installs and validators, no Ray): they wait far more than they
-        # compute. Each runs in its own pytest process, one test at a time, with its own session
-        # fixtures (a Ray head on free ports, an S3 server). More processes than these (xdist
-        # workers) made the two cores the limit and timed tests fail: docs/testing.md.
-        deploy_log=$(mktemp) cluster_log=$(mktemp)
+    "")  # every tier: the unit tier; then the ray tier, with the deploy tier (pip installs and
+        # validators, no Ray) beside it; then the cluster tier.
+        deploy_log=$(mktemp)
         run unit_tier "$@" || failed=1
-        run .venv/bin/python -m pytest -q -m deploy -p no:cacheprovider "$@" >"$deploy_log" 2>&1 &
+        tier deploy "$@" >"$deploy_log" 2>&1 &
         deploy=$!
-        run .venv/bin/python -m pytest -q -m cluster -p no:cacheprovider "$@" >"$cluster_log" 2>&1 &
-        cluster=$!
-        run .venv/bin/python -m pytest -q -m ray -p no:cacheprovider "$@" || failed=1
-        report cluster "$cluster" "$cluster_log" || failed=1
-        report deploy "$deploy" "$deploy_log" || failed=1 ;;
-    *) run .venv/bin/python -m pytest -q -m "$tier" "$@" || failed=1 ;;
+        tier ray "$@" || failed=1
+        report deploy "$deploy" "$deploy_log" || failed=1
+        tier cluster "$@" || failed=1 ;;
+    *) tier "$tier" "$@" || failed=1 ;;
 esac
 exit "$failed"
