@@ -141,6 +141,34 @@ def replanned(store: JobStore, job: Job, timeline: Timeline, lost_at: float) -> 
                  and j, timeout=240)
 
 
+def healed(cluster: LocalCluster, store: JobStore, job: Job, timeline: Timeline,
+           lost_at: float) -> Job:
+    """Until the job has seen the loss (a waiting line since) and is not re-planning, however
+    it healed: by a re-plan, or by Ray placing the lost bundles again on a node with room."""
+    try:
+        until(lambda: timeline.waiting_since(lost_at), 120)
+        return until(lambda: not ((j := store.get(job.job_id)).waiting or "").startswith(REPLANNING)
+                     and j, timeout=240)
+    except AssertionError:
+        raise AssertionError(f"not healed: {what_it_waits_for(cluster, store, job)}") from None
+
+
+def what_it_waits_for(cluster: LocalCluster, store: JobStore, job: Job) -> str:
+    """The job's record and the end of its driver's log, for a wait that failed."""
+    from unittest import mock
+
+    from batchinf.client import Client
+
+    now = store.get(job.job_id)
+    with mock.patch.dict(os.environ, cluster.auth_env):  # the cluster's token, for its Jobs API
+        try:
+            log = Client(store=store.root, address=cluster.jobs_address).logs(job.job_id)
+        except Exception as exc:  # what the record says is the message still
+            log = f"(no log: {exc})"
+    tail = "\n".join(line for line in log.splitlines() if job.job_id in line)[-4000:]
+    return f"{now.state.value} attempt {now.attempt}, waiting {now.waiting!r}\n{tail}"
+
+
 def join(cluster: LocalCluster, cpus: int = 1, resources: dict[str, float] | None = None) -> Node:
     """A worker node joined; asked again when ``ray start`` times out on a loaded machine."""
     for attempt in range(3):
@@ -280,13 +308,19 @@ class TestACpuLessHeadAndTwoWorkers:
         replanned(store, job, timeline, lost_at)
         held_first.open()
         print(f"\nCPU-less head, first worker lost: rows move {timeline.recovery_s(lost_at):.1f} s after")
-        join(cluster)
-        moving(store, job, 320)  # grown back to two replicas (a node joined), at the second gate
+        join(cluster)  # the replica the re-plan had no room for starts on it
+        moving(store, job, 320)  # both replicas busy again, at the second gate
+        # The reservation lost now is on ``second``. Whether the job re-plans (as it did on
+        # the runs kept here) or Ray places the lost bundles on the joined node depends on
+        # the room there and on timing; either way the job goes on in this attempt.
         lost_at = lose(cluster, second)
-        replanned(store, job, timeline, lost_at)
+        healed(cluster, store, job, timeline, lost_at)
         assert store.get(job.job_id).rows_done == 320  # the second loss was mid-job too
         held_second.open()
-        print(f"CPU-less head, second worker lost: rows move {timeline.recovery_s(lost_at):.1f} s after")
+        moved = until(lambda: next((t for t, r, _ in timeline.samples if t > lost_at and r > 320),
+                                   None), timeout=240)
+        print(f"CPU-less head, second worker lost: rows move {moved - lost_at:.1f} s after "
+              f"(re-planned: {any(w.startswith(REPLANNING) for w in timeline.waiting_since(lost_at))})")
         done = finished(store, job)
         timeline.stop()
         exactly_once(done, 384)
