@@ -310,8 +310,8 @@ class TestACpuLessHeadAndTwoWorkers:
         print(f"\nCPU-less head, first worker lost: rows move {timeline.recovery_s(lost_at):.1f} s after")
         join(cluster)  # the replica the re-plan had no room for starts on it
         moving(store, job, 320)  # both replicas busy again, at the second gate
-        # The reservation lost now is on ``second``. Whether the job re-plans (as it did on
-        # the runs kept here) or Ray places the lost bundles on the joined node depends on
+        # The reservation lost now is on ``second``. Whether the job re-plans (as it has in
+        # every run so far) or Ray places the lost bundles on the joined node depends on
         # the room there and on timing; either way the job goes on in this attempt.
         lost_at = lose(cluster, second)
         healed(cluster, store, job, timeline, lost_at)
