@@ -74,10 +74,11 @@ class Timeline:
     def waiting_since(self, since: float) -> list[str]:
         return [w for t, _, w in self.samples if t >= since and w]
 
-    def recovery_s(self, lost_at: float) -> float:
-        """Seconds from the loss until rows moved again after the re-plan began."""
+    def recovery_s(self, lost_at: float, seen: str = REPLANNING) -> float:
+        """Seconds from the loss until rows moved again after the job first showed ``seen``
+        (a waiting line that starts with it; "" for any) since the loss."""
         replanned = until(lambda: next((t for t, _, w in self.samples if t >= lost_at and
-                                        (w or "").startswith(REPLANNING)), None), timeout=120)
+                                        w and w.startswith(seen)), None), timeout=120)
         rows = next(r for t, r, _ in self.samples if t >= replanned)
         moved = until(lambda: next((t for t, r, _ in self.samples if t > replanned and r > rows),
                                    None), timeout=240)
@@ -134,19 +135,12 @@ def moving(store: JobStore, job: Job, rows: int) -> Job:
                  and j, timeout=300)
 
 
-def replanned(store: JobStore, job: Job, timeline: Timeline, lost_at: float) -> Job:
-    """Until the job has re-planned after the loss and its replicas are ready again."""
-    until(lambda: any(w.startswith(REPLANNING) for w in timeline.waiting_since(lost_at)), 120)
-    return until(lambda: not ((j := store.get(job.job_id)).waiting or "").startswith(REPLANNING)
-                 and j, timeout=240)
-
-
-def healed(cluster: LocalCluster, store: JobStore, job: Job, timeline: Timeline,
-           lost_at: float) -> Job:
-    """Until the job has seen the loss (a waiting line since) and is not re-planning, however
-    it healed: by a re-plan, or by Ray placing the lost bundles again on a node with room."""
+def healed(cluster: LocalCluster, store: JobStore, job: Job, timeline: Timeline, lost_at: float,
+           seen: str = REPLANNING) -> Job:
+    """Until the job has shown ``seen`` since the loss (a waiting line that starts with it; ""
+    for any) and is not re-planning any more; a wait that fails says what the job waits for."""
     try:
-        until(lambda: timeline.waiting_since(lost_at), 120)
+        until(lambda: any(w.startswith(seen) for w in timeline.waiting_since(lost_at)), 120)
         return until(lambda: not ((j := store.get(job.job_id)).waiting or "").startswith(REPLANNING)
                      and j, timeout=240)
     except AssertionError:
@@ -236,7 +230,7 @@ class TestAHeadWithCpusAndOneWorker:
         timeline = Timeline(store, job.job_id)
         moving(store, job, 256)  # all it can do before the gate
         lost_at = lose(cluster, workers(cluster)[0])
-        assert replanned(store, job, timeline, lost_at).waiting == (
+        assert healed(cluster, store, job, timeline, lost_at).waiting == (
             "waiting for 1 of 2 replicas: needs {'CPU': 0.5}")  # the second has no room
         gate.open()
         recovery = timeline.recovery_s(lost_at)
@@ -261,7 +255,7 @@ class TestAHeadWithCpusAndOneWorker:
         timeline = Timeline(store, job.job_id)
         until(lambda: (store.get(job.job_id).waiting or "").startswith("starting replicas"))
         lost_at = lose(cluster, worker)
-        replanned(store, job, timeline, lost_at)
+        healed(cluster, store, job, timeline, lost_at)
         assert store.get(job.job_id).rows_done == 0  # every row waits at the gate
         gate.open()
         print(f"\nloss during model load: rows move {timeline.recovery_s(lost_at):.1f} s after it")
@@ -281,7 +275,7 @@ class TestAHeadWithCpusAndOneWorker:
         timeline = Timeline(store, job.job_id)
         moving(store, job, 250)  # the third and last shard has begun, and waits at the gate
         lost_at = lose(cluster, worker)
-        replanned(store, job, timeline, lost_at)
+        healed(cluster, store, job, timeline, lost_at)
         assert store.get(job.job_id).rows_done == 250
         gate.open()
         print(f"\nloss in the last shard: rows move {timeline.recovery_s(lost_at):.1f} s after it")
@@ -305,7 +299,7 @@ class TestACpuLessHeadAndTwoWorkers:
         timeline = Timeline(store, job.job_id)
         moving(store, job, 256)
         lost_at = lose(cluster, first)
-        replanned(store, job, timeline, lost_at)
+        healed(cluster, store, job, timeline, lost_at)
         held_first.open()
         print(f"\nCPU-less head, first worker lost: rows move {timeline.recovery_s(lost_at):.1f} s after")
         join(cluster)  # the replica the re-plan had no room for starts on it
@@ -314,13 +308,12 @@ class TestACpuLessHeadAndTwoWorkers:
         # every run so far) or Ray places the lost bundles on the joined node depends on
         # the room there and on timing; either way the job goes on in this attempt.
         lost_at = lose(cluster, second)
-        healed(cluster, store, job, timeline, lost_at)
+        healed(cluster, store, job, timeline, lost_at, seen="")
         assert store.get(job.job_id).rows_done == 320  # the second loss was mid-job too
         held_second.open()
-        moved = until(lambda: next((t for t, r, _ in timeline.samples if t > lost_at and r > 320),
-                                   None), timeout=240)
-        print(f"CPU-less head, second worker lost: rows move {moved - lost_at:.1f} s after "
-              f"(re-planned: {any(w.startswith(REPLANNING) for w in timeline.waiting_since(lost_at))})")
+        print(f"CPU-less head, second worker lost: rows move "
+              f"{timeline.recovery_s(lost_at, seen=''):.1f} s after (re-planned: "
+              f"{any(w.startswith(REPLANNING) for w in timeline.waiting_since(lost_at))})")
         done = finished(store, job)
         timeline.stop()
         exactly_once(done, 384)
@@ -340,7 +333,7 @@ class TestACpuLessHeadAndTwoWorkers:
             f"{REPLANNING}: 0 of 1 replicas; waiting for") and w)
         assert "{'CPU': 1.0, 'gpu_node': 1.0}" in waiting, waiting
         join(cluster, 1, {"gpu_node": 1})
-        replanned(store, job, timeline, lost_at)
+        healed(cluster, store, job, timeline, lost_at)
         gate.open()
         print(f"\npinned node type lost, another added: rows move "
               f"{timeline.recovery_s(lost_at):.1f} s after the loss")
